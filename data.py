@@ -1,0 +1,155 @@
+"""Datasets: MNIST, FashionMNIST and CIFAR-10 from their usual files, and PNG grids.
+
+`load(name, split, data_dir)` returns the images as uint8 [N, C, H, W] and the labels as int64
+[N]. The files are read from `data_dir` when given (e.g. ../shared/data/mnist), else from
+./data/<name>, downloading them there first when they are missing. Downloads are checked
+against the publishers' MD5 sums; every file is checked for its format (magic number, shape,
+length) when read, so a corrupt or truncated file gives one clear `DataError` line instead of
+a traceback or, worse, silently wrong images.
+"""
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+import tarfile
+import urllib.request
+
+import numpy as np
+import torch
+from PIL import Image
+
+INFO = {
+    "mnist": dict(channels=1, size=28, classes=10),
+    "fashionmnist": dict(channels=1, size=28, classes=10),
+    "cifar10": dict(channels=3, size=32, classes=10),
+}
+
+# (file name, MD5 of the file as the publisher serves it)
+_IDX_FILES = {
+    "mnist": {
+        "train": [("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+                  ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432")],
+        "test": [("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+                 ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")],
+    },
+    "fashionmnist": {
+        "train": [("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+                  ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe")],
+        "test": [("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+                 ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310")],
+    },
+}
+_MIRRORS = {
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+              "http://yann.lecun.com/exdb/mnist/"],
+    "fashionmnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+    "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
+}
+_CIFAR_ARCHIVE = ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
+
+
+class DataError(Exception):
+    """A dataset problem the user can fix (missing, corrupt or unknown); one line."""
+
+
+def load(name, split="train", data_dir=None):
+    """The images (uint8 [N, C, H, W]) and labels (int64 [N]) of a dataset split."""
+    if name not in INFO:
+        raise DataError(f"unknown dataset '{name}': choose one of {', '.join(INFO)}")
+    if split not in ("train", "test"):
+        raise DataError(f"unknown split '{split}': choose train or test")
+    folder = data_dir or os.path.join("data", name)
+    if name == "cifar10":
+        return _load_cifar10(folder, split, download=data_dir is None)
+    (image_file, image_md5), (label_file, label_md5) = _IDX_FILES[name][split]
+    image_path = _find_or_download(name, folder, image_file, image_md5, data_dir is None)
+    label_path = _find_or_download(name, folder, label_file, label_md5, data_dir is None)
+    images = _read_idx(image_path, magic=2051)
+    labels = _read_idx(label_path, magic=2049)
+    if len(images) != len(labels):
+        raise DataError(f"{image_path} has {len(images)} images but {label_path} has "
+                        f"{len(labels)} labels")
+    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
+
+
+def _read_idx(path, magic):
+    """One IDX file (LeCun's format: big-endian magic, dimensions, then uint8 data)."""
+    try:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip raises these on truncated or non-gzip files
+        raise DataError(f"cannot read {path}: {e} (corrupt or truncated file?)") from None
+    ndim = magic - 2048
+    if len(raw) < 4 + 4 * ndim or struct.unpack(">I", raw[:4])[0] != magic:
+        raise DataError(f"{path} is not an IDX file of the expected kind "
+                        f"(magic number {magic} expected)")
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated or padded: header says {shape}, "
+                        f"found {data.size} values")
+    return data.reshape(shape).copy()
+
+
+def _load_cifar10(folder, split, download):
+    archive = _find_or_download("cifar10", folder, *_CIFAR_ARCHIVE, download)
+    members = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in members:
+                # The official archive is a set of Python pickles; we only open the file
+                # whose MD5 or layout we checked, and only read arrays from it.
+                batch = pickle.load(tar.extractfile(f"cifar-10-batches-py/{member}"),
+                                    encoding="bytes")
+                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    except (OSError, EOFError, KeyError, tarfile.TarError, pickle.UnpicklingError,
+            ValueError) as e:
+        raise DataError(f"cannot read {archive}: {e} (corrupt or truncated file?)") from None
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def _find_or_download(name, folder, filename, md5, download):
+    """The path of `filename` in `folder`, downloading (and MD5-checking) it if allowed."""
+    path = os.path.join(folder, filename)
+    if os.path.exists(path):
+        return path
+    if not download:
+        raise DataError(f"{filename} not found in {folder}: point --data-dir at a folder "
+                        f"holding the {name} files")
+    os.makedirs(folder, exist_ok=True)
+    errors = []
+    for mirror in _MIRRORS[name]:
+        try:
+            with urllib.request.urlopen(mirror + filename, timeout=30) as response:
+                payload = response.read()
+        except OSError as e:
+            errors.append(f"{mirror}: {e}")
+            continue
+        if hashlib.md5(payload).hexdigest() != md5:
+            errors.append(f"{mirror}: MD5 mismatch")
+            continue
+        with open(path + ".part", "wb") as f:
+            f.write(payload)
+        os.replace(path + ".part", path)  # atomic: never leave a half-written file
+        return path
+    raise DataError(f"{filename} not found in {folder} and could not be downloaded "
+                    f"({'; '.join(errors)}); without internet, download it elsewhere or "
+                    f"point --data-dir at a folder holding it")
+
+
+def save_grid(images, path, nrow):
+    """Save images (float [N, C, H, W] in [0, 1], or uint8) as one PNG, `nrow` per row."""
+    images = torch.as_tensor(images).detach().cpu()
+    if images.dtype != torch.uint8:
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    n, c, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = torch.zeros(c, rows * (h + 2) + 2, nrow * (w + 2) + 2, dtype=torch.uint8)
+    for i in range(n):  # a 2-pixel black border around every image
+        top, left = 2 + (i // nrow) * (h + 2), 2 + (i % nrow) * (w + 2)
+        grid[:, top:top + h, left:left + w] = images[i]
+    array = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
