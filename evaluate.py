@@ -1,0 +1,507 @@
+"""Evaluation of synthetic images: FID and synthetic-to-real classification accuracy.
+
+FID (Heusel et al. 2017, "GANs trained by a two time-scale update rule converge to a local
+Nash equilibrium") is the Frechet distance between two Gaussians fitted to Inception-v3 pool3
+features (2048-d) of two image sets:
+
+    FID = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
+
+The numbers are only comparable with the field's if the network and preprocessing are the
+standard ones, so `FIDInception` is the TensorFlow 2015-12-05 Inception-v3 exactly as
+pytorch-fid ports it (its weight file loads with strict key matching) and images are
+preprocessed as pytorch-fid does: uint8 -> [0, 1], grayscale repeated to 3 channels, bilinear
+resize to 299x299, scaled to [-1, 1].
+
+Accuracy (paper section 4): a small CNN trained *only* on synthetic images, its epoch chosen
+on a held-out part of the synthetic set (never on the test set), tested on the real test set.
+
+CLI: python evaluate.py SAMPLES.npz --dataset mnist [--data-dir D] [--n N] [--inception PATH]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+
+import data
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_FILE = os.path.basename(FID_WEIGHTS_URL)
+
+
+class WeightsError(Exception):
+    """The FID Inception weights are missing or not the expected file; one line."""
+
+
+def _stderr(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The FID Inception-v3 network. Attribute names follow pytorch-fid / torchvision, because the
+# state_dict keys (e.g. "Mixed_5b.branch5x5_1.conv.weight") must match the weight file.
+
+class ConvBN(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, as in the TF graph) -> ReLU."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _pool3x3(x, kind):
+    # TensorFlow's average pool ignores the zero padding in its mean: count_include_pad=False.
+    # (torchvision's own Inception counts it, one of the ways its FID numbers differ.)
+    if kind == "max":
+        return F.max_pool2d(x, 3, stride=1, padding=1)
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """35x35 block (Mixed_5b-d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | pool-1x1."""
+
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = ConvBN(cin, 64, 1)
+        self.branch5x5_1 = ConvBN(cin, 48, 1)
+        self.branch5x5_2 = ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = ConvBN(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(_pool3x3(x, "avg"))], 1)
+
+
+class InceptionB(nn.Module):
+    """Grid reduction 35 -> 17 (Mixed_6a): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = ConvBN(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    """17x17 block (Mixed_6b-e) with factorised 7x7 convolutions (1x7 then 7x1)."""
+
+    def __init__(self, cin, c7):
+        super().__init__()
+        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        self.branch1x1 = ConvBN(cin, 192, 1)
+        self.branch7x7_1 = ConvBN(cin, c7, 1)
+        self.branch7x7_2 = ConvBN(c7, c7, **row)
+        self.branch7x7_3 = ConvBN(c7, 192, **col)
+        self.branch7x7dbl_1 = ConvBN(cin, c7, 1)
+        self.branch7x7dbl_2 = ConvBN(c7, c7, **col)
+        self.branch7x7dbl_3 = ConvBN(c7, c7, **row)
+        self.branch7x7dbl_4 = ConvBN(c7, c7, **col)
+        self.branch7x7dbl_5 = ConvBN(c7, 192, **row)
+        self.branch_pool = ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d7 = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                     self.branch7x7dbl_4, self.branch7x7dbl_5):
+            d7 = conv(d7)
+        return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(_pool3x3(x, "avg"))], 1)
+
+
+class InceptionD(nn.Module):
+    """Grid reduction 17 -> 8 (Mixed_7a): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = ConvBN(cin, 192, 1)
+        self.branch3x3_2 = ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = ConvBN(cin, 192, 1)
+        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = x
+        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
+                     self.branch7x7x3_4):
+            b7 = conv(b7)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """8x8 block (Mixed_7b, 7c) whose 3x3 convolutions split into parallel 1x3 and 3x1."""
+
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool = pool  # "avg" in Mixed_7b; the FID graph has a *max* pool in Mixed_7c
+        self.branch1x1 = ConvBN(cin, 320, 1)
+        self.branch3x3_1 = ConvBN(cin, 384, 1)
+        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = ConvBN(cin, 448, 1)
+        self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+            self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3),
+            self.branch_pool(_pool3x3(x, self.pool))], 1)
+
+
+class FIDInception(nn.Module):
+    """Inception-v3 of FID; forward(x in [-1, 1], [B, 3, 299, 299]) -> pool3 features [B, 2048]."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        # The 1008-class logits layer is in the weight file, so it is here for strict loading;
+        # FID never uses it (and the offline copy of the weights stores it as NaN).
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, x):
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))   # 147x147
+        x = F.max_pool2d(x, 3, stride=2)                                       # 73x73
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                         # 71x71
+        x = F.max_pool2d(x, 3, stride=2)                                       # 35x35
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
+                      self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e,
+                      self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)                                                       # ... 8x8
+        return x.mean(dim=(2, 3))  # pool3: the average over the final 8x8 map
+
+
+def load_inception(weights=None, device="cpu"):
+    """FIDInception in eval mode with pytorch-fid's weights, from `weights` (a file path) or,
+    by default, the torch hub cache (downloaded there from pytorch-fid's release if absent)."""
+    if weights is None:
+        where = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
+        load = lambda: torch.hub.load_state_dict_from_url(
+            FID_WEIGHTS_URL, progress=False, map_location="cpu", weights_only=True)
+        hint = ("offline: run ../shared/tools/get-inception-weights, or pass a file with "
+                "--inception PATH")
+    else:
+        where = weights
+        load = lambda: torch.load(weights, map_location="cpu", weights_only=True)
+        hint = "expected pytorch-fid's pt_inception-2015-12-05 state_dict"
+    if weights is not None and not os.path.isfile(weights):
+        raise WeightsError(f"FID Inception weights not found: {weights} ({hint})")
+    try:
+        state = load()
+    except Exception as e:  # torch.load/urlopen raise many types for bad files and no network
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"cannot load FID Inception weights {FID_WEIGHTS_FILE} from {where}: "
+                           f"{reason} ({hint})") from None
+    model = FIDInception()
+    expected = model.state_dict()
+    if not isinstance(state, dict):
+        raise WeightsError(f"{where} does not hold a state_dict ({hint})")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise WeightsError(
+            f"{where} is not the FID Inception state_dict: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(wrong)} wrong-shape keys (first: "
+            f"{(missing + unexpected + wrong)[0]}; {hint})")
+    model.load_state_dict(state, strict=True)
+    # channels_last is 1.4-1.6x faster for these convolutions on CPU, with the same features
+    # to float32 rounding (shared/tools/README.md).
+    return model.eval().to(device, memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images -> features -> statistics -> distance
+
+def as_uint8_images(images):
+    """uint8 torch [N, C, H, W] from: numpy uint8 [N, H, W] or [N, H, W, C], or torch uint8
+    [N, C, H, W]. Float torch images in [0, 1] are quantised to uint8 first, exactly as saving
+    them to a PNG would (data.save_grid), so FID sees what a user would see."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise ValueError(f"images: numpy arrays must be uint8, got {images.dtype}")
+        x = torch.from_numpy(images)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2) if x.ndim == 4 else x
+    else:
+        x = torch.as_tensor(images).detach().cpu()
+        if x.is_floating_point():
+            x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images: expected uint8 N x H x W or N x H x W x C (numpy) or "
+                         f"N x C x H x W (torch) with C in (1, 3), got {x.dtype} "
+                         f"{tuple(images.shape)}")
+    return x.contiguous()
+
+
+def _default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@torch.no_grad()
+def inception_features(images, batch_size=50, device=None, weights=None, model=None,
+                       progress=_stderr):
+    """Pool3 features, float32 np.ndarray [N, 2048], embedding `batch_size` images at a time
+    (memory stays bounded: only one batch is ever upsampled to 299x299)."""
+    device = device or _default_device()
+    model = model or load_inception(weights, device)
+    images = as_uint8_images(images)
+    n = len(images)
+    features = np.empty((n, 2048), dtype=np.float32)
+    start = last_report = time.time()
+    for i in range(0, n, batch_size):
+        x = images[i:i + batch_size].to(device).float() / 255.0
+        x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB by repetition
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
+        features[i:i + len(x)] = model(x).cpu().numpy()
+        done = i + len(x)
+        if progress and (time.time() - last_report > 30 or done == n):
+            last_report = time.time()
+            rate = done / max(last_report - start, 1e-9)
+            progress(f"inception features: {done}/{n} images, {rate:.1f} images/s")
+    return features
+
+
+def feature_statistics(features):
+    """Mean and unbiased covariance (float64) of [N, D] features, in chunks to bound memory."""
+    n = len(features)
+    if n < 2:
+        raise ValueError(f"images: FID needs at least 2 images, got {n}")
+    mu = features.mean(axis=0, dtype=np.float64)
+    sigma = np.zeros((features.shape[1],) * 2)
+    for i in range(0, n, 4096):
+        centred = features[i:i + 4096].astype(np.float64) - mu
+        sigma += centred.T @ centred
+    return mu, sigma / (n - 1)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) between N(mu1, S1) and N(mu2, S2)."""
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        # With fewer images than dimensions the product is singular and sqrtm can fail; a
+        # tiny ridge on both covariances makes it well defined (the standard fix).
+        offset = eps * np.eye(len(sigma1))
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # sqrt of a product of PSD matrices has a real spectrum; rounding can leave small
+        # imaginary parts, which we drop. Large ones mean the statistics are broken.
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: matrix square root has a large imaginary component "
+                             f"({np.abs(covmean.imag).max():.3g}); are the statistics valid?")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid(images_a, images_b, batch_size=50, device=None, weights=None, progress=_stderr):
+    """FID between two image sets (uint8 arrays as in `as_uint8_images`)."""
+    device = device or _default_device()
+    model = load_inception(weights, device)
+    stats = [feature_statistics(inception_features(images, batch_size, device, model=model,
+                                                   progress=progress))
+             for images in (images_a, images_b)]
+    return frechet_distance(*stats[0], *stats[1])
+
+
+def reference_stats(dataset, images, cache_dir, data_dir=None, batch_size=50, device=None,
+                    weights=None, model=None, progress=_stderr):
+    """(mu, sigma) of the first `images` training images of `dataset` (None: all), cached in
+    cache_dir/fid_stats_<dataset>_train_<count>.npz so the real side is embedded only once."""
+    train_images, _ = data.load(dataset, "train", data_dir)
+    count = len(train_images) if images is None else images
+    if not 2 <= count <= len(train_images):
+        raise ValueError(f"images: need 2..{len(train_images)} {dataset} training images, "
+                         f"got {count}")
+    path = os.path.join(cache_dir, f"fid_stats_{dataset}_train_{count}.npz")
+    if os.path.exists(path):
+        with np.load(path) as cached:
+            return cached["mu"], cached["sigma"]
+    features = inception_features(train_images[:count], batch_size, device, weights, model,
+                                  progress)
+    mu, sigma = feature_statistics(features)
+    os.makedirs(cache_dir, exist_ok=True)
+    np.savez(path + ".part.npz", mu=mu, sigma=sigma)
+    os.replace(path + ".part.npz", path)  # atomic: an interrupted run leaves no bad cache
+    return mu, sigma
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification accuracy: train on synthetic, choose the epoch on held-out synthetic, test real
+
+class SmallCNN(nn.Module):
+    """Three 3x3 conv layers (32-64-128, each ReLU + 2x2 max pool), FC 128, FC classes."""
+
+    def __init__(self, channels, size, num_classes):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(128 * (size // 8) ** 2, 128),
+                                  nn.ReLU(), nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def _accuracy(model, images, labels, device, batch_size=1000):
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device).float() / 255.0
+        correct += (model(x).argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
+    return correct / len(images)
+
+
+def classifier_accuracy(train_images, train_labels, test_images, test_labels, num_classes=10,
+                        epochs=10, batch_size=64, lr=1e-3, val_fraction=0.1, seed=0,
+                        device=None, progress=_stderr):
+    """Train SmallCNN on (synthetic) train images, keep the epoch with the best accuracy on a
+    held-out `val_fraction` of them, and return its accuracy on the (real) test set.
+
+    The official code trains 50 epochs with Adam at lr 3e-4; the defaults here (10 epochs at
+    1e-3) reach similar accuracy in a CPU-friendly time. Returns a dict."""
+    device = device or _default_device()
+    train_images, test_images = as_uint8_images(train_images), as_uint8_images(test_images)
+    train_labels, test_labels = torch.as_tensor(train_labels).long(), torch.as_tensor(test_labels).long()
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise ValueError(f"train_images: shape {tuple(train_images.shape[1:])} differs from the "
+                         f"test images' {tuple(test_images.shape[1:])}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_images), generator=generator)
+    n_val = max(1, int(round(val_fraction * len(train_images))))
+    val_idx, fit_idx = order[:n_val], order[n_val:]
+    # Initialise from a forked global RNG so the weights depend on `seed` only and the
+    # caller's random state is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SmallCNN(train_images.shape[1], train_images.shape[2], num_classes)
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    best = (-1.0, 0, None)  # (validation accuracy, epoch, weights)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        shuffled = fit_idx[torch.randperm(len(fit_idx), generator=generator)]
+        for i in range(0, len(shuffled), batch_size):
+            idx = shuffled[i:i + batch_size]
+            x = train_images[idx].to(device).float() / 255.0
+            loss = F.cross_entropy(model(x), train_labels[idx].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        val_acc = _accuracy(model, train_images[val_idx], train_labels[val_idx], device)
+        if progress:
+            progress(f"classifier epoch {epoch}/{epochs}: loss {loss.item():.4f}, "
+                     f"held-out synthetic accuracy {val_acc:.4f}")
+        if val_acc > best[0]:  # strict: ties keep the earlier epoch
+            best = (val_acc, epoch, {k: v.clone() for k, v in model.state_dict().items()})
+    model.load_state_dict(best[2])
+    # The test set is used exactly once, after the epoch has been chosen.
+    return dict(test_accuracy=_accuracy(model, test_images, test_labels, device),
+                val_accuracy=best[0], best_epoch=best[1], epochs=epochs,
+                n_train=len(fit_idx), n_val=n_val, n_test=len(test_images))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="FID and accuracy of synthetic images.")
+    parser.add_argument("samples", help=".npz with 'images' (uint8 NxHxW or NxHxWxC), 'labels'")
+    parser.add_argument("--dataset", required=True, choices=sorted(data.INFO))
+    parser.add_argument("--data-dir", default=None, help="folder with the dataset's files")
+    parser.add_argument("--n", type=int, default=None,
+                        help="images per side for FID: the first N samples against the first "
+                             "N training images (default: all samples)")
+    parser.add_argument("--inception", default=None, help="FID Inception weights file "
+                        "(default: torch hub cache, pytorch-fid's file)")
+    parser.add_argument("--cache-dir", default=os.path.join("data", "fid_stats"),
+                        help="where reference statistics are cached")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    try:
+        with np.load(args.samples) as npz:
+            if "images" not in npz or "labels" not in npz:
+                raise ValueError(f"samples: {args.samples} needs arrays 'images' and 'labels'")
+            images, labels = as_uint8_images(npz["images"]), torch.from_numpy(npz["labels"])
+        info = data.INFO[args.dataset]
+        if tuple(images.shape[1:]) != (info["channels"], info["size"], info["size"]):
+            raise ValueError(f"samples: images of shape {tuple(images.shape[1:])} (C, H, W) do "
+                             f"not match {args.dataset}")
+        n = len(images) if args.n is None else args.n
+        if not 2 <= n <= len(images):
+            raise ValueError(f"--n: need 2..{len(images)} (the number of samples), got {n}")
+        model = load_inception(args.inception, args.device or _default_device())
+        mu_ref, sigma_ref = reference_stats(args.dataset, n, args.cache_dir, args.data_dir,
+                                            device=args.device, model=model)
+        mu, sigma = feature_statistics(inception_features(images[:n], device=args.device,
+                                                          model=model))
+        fid_value = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        test_images, test_labels = data.load(args.dataset, "test", args.data_dir)
+        accuracy = classifier_accuracy(images, labels, test_images, test_labels,
+                                       info["classes"], epochs=args.epochs, seed=args.seed,
+                                       device=args.device)
+    except (WeightsError, ValueError, data.DataError, OSError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    result = dict(samples=args.samples, dataset=args.dataset, fid=fid_value, fid_images=n,
+                  accuracy=accuracy["test_accuracy"], classifier=accuracy)
+    out = os.path.splitext(args.samples)[0] + ".eval.json"
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"FID {fid_value:.4f} ({n} samples vs {n} {args.dataset} training images); "
+          f"accuracy {accuracy['test_accuracy']:.4f} (epoch {accuracy['best_epoch']}); "
+          f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
