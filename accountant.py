@@ -1,0 +1,328 @@
+"""Privacy accounting for DP-FETA: Renyi DP of the Poisson-subsampled Gaussian mechanism.
+
+Everything DP-FETA does with the sensitive images -- the central-image queries and every
+DP-SGD step -- is one Gaussian mechanism (noise std = sigma * L2 sensitivity) applied to a
+Poisson sample (each record kept independently with probability q). A run is therefore a
+*history*: a list of (q, sigma, steps). This module turns a history into one (epsilon, delta).
+
+1. Per step, at Renyi order alpha > 1 (Mironov, Talwar, Zhang 2019, "Renyi Differential Privacy
+   of the Sampled Gaussian Mechanism"): rdp(alpha) = log(A) / (alpha - 1), where, with
+   mu0 = N(0, sigma^2) and mu1 = N(1, sigma^2),
+       A = E_{z ~ mu0} [ ((1 - q) + q * mu1(z) / mu0(z)) ^ alpha ].
+   Integer alpha: expand the power binomially (exact, finite):
+       A = sum_{k=0}^{alpha} C(alpha, k) (1-q)^(alpha-k) q^k exp((k^2 - k) / (2 sigma^2)).
+   Fractional alpha: split the integral at z0 = sigma^2 log(1/q - 1) + 1/2, where the two
+   mixture parts are equal, and expand on each side in powers of the smaller part:
+       A = sum_i C(alpha, i) (1-q)^(alpha-i) q^i     e^((i^2-i)/(2 sigma^2)) Phi((z0 - i) / sigma)
+         + sum_i C(alpha, i) q^(alpha-i) (1-q)^i     e^((j^2-j)/(2 sigma^2)) Phi((j - z0) / sigma),
+   with j = alpha - i and Phi the standard normal CDF.
+2. Composition: RDP at a fixed order adds up over steps and over mechanisms (Mironov 2017).
+3. Conversion (Balle et al. 2020, "Hypothesis testing interpretations and Renyi DP", Thm 21;
+   equal to Canonne, Kamath, Steinke 2020, Prop 12):
+       eps = min_alpha  rdp(alpha) + log((alpha - 1) / alpha) - (log(delta) + log(alpha)) / (alpha - 1).
+
+Everything is computed in log space and vectorised over the order grid; nothing is cached.
+"""
+import argparse
+import math
+import sys
+import warnings
+
+import numpy as np
+from scipy.special import gammaln, gammasgn, log_ndtr, logsumexp
+
+# The default grid (the same as Google's dp_accounting): 1.1..10.9 by 0.1, 11..63, and a few
+# large orders. Few steps or large sigma want large orders: the central-image stage alone
+# (q = 0.1, sigma = 5, 5 steps) picks 63, so a grid ending there could not see past it.
+DEFAULT_ORDERS = np.concatenate([np.arange(11, 110) / 10, np.arange(11, 64),
+                                 [128.0, 256.0, 512.0, 1024.0]])
+DEFAULT_ORDERS.flags.writeable = False
+
+SERIES_RTOL = 1e-14         # stop a fractional series once its tail is this small relative to A
+SERIES_MAX_TERMS = 2 ** 14  # ... or at this many terms, keeping the (still rigorous) tail bound
+SIGMA_RANGE = (1e-2, 1e6)   # where calibrate_sigma searches
+
+
+# ---------------------------------------------------------------- input checks
+def _check(name, value, ok, requirement):
+    """float(value) if it is a finite number with ok(value), else a one-line ValueError."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value}")
+    if not ok(value):
+        raise ValueError(f"{name}: must be {requirement}, got {value:g}")
+    return value
+
+
+def _check_mechanism(q, sigma, steps):
+    q = _check("q", q, lambda v: 0 <= v <= 1, "in [0, 1]")
+    sigma = _check("sigma", sigma, lambda v: v > 0, "> 0")
+    steps = _check("steps", steps, lambda v: v >= 0 and v == int(v), "a whole number >= 0")
+    return q, sigma, int(steps)
+
+
+def _check_delta(delta):
+    return _check("delta", delta, lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def _check_orders(orders):
+    if orders is None:
+        return DEFAULT_ORDERS
+    try:
+        orders = np.atleast_1d(np.asarray(orders, dtype=float))
+    except (TypeError, ValueError):
+        raise ValueError("orders: must be a list of numbers") from None
+    if orders.ndim != 1 or orders.size == 0 or not np.all(np.isfinite(orders) & (orders > 1)):
+        raise ValueError("orders: must be a non-empty list of finite numbers > 1")
+    return orders
+
+
+# ---------------------------------------------------------------- RDP of one step
+def _log_binom(n, k):
+    """log |C(n, k)| for real n and integer k >= 0 (gammaln is log |Gamma|)."""
+    return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
+
+
+def _log_a_integer(q, sigma, alphas):
+    """log A at integer orders, from A - 1 = sum_{k>=2} C(alpha,k) (1-q)^(alpha-k) q^k (e^(..) - 1).
+
+    The binomial weights sum to 1, so 1 can be taken out term by term; the k = 0, 1 terms vanish
+    and all others are positive. A - 1 thus keeps full relative precision even at large sigma,
+    where A itself is 1 + 1e-12 and summing A directly would lose most digits.
+    """
+    a, k = alphas[:, None], np.arange(2, int(alphas.max()) + 1)[None, :]
+    x = (k * k - k) / (2 * sigma ** 2)
+    log_expm1 = x + np.log(-np.expm1(-x))  # log(e^x - 1), no overflow for x in the millions
+    log_terms = _log_binom(a, k) + (a - k) * np.log1p(-q) + k * np.log(q) + log_expm1
+    log_terms = np.where(k <= a, log_terms, -np.inf)  # C(alpha, k) = 0 past alpha
+    return np.logaddexp(0.0, logsumexp(log_terms, axis=1))  # log(1 + (A - 1))
+
+
+def _fractional_terms(q, sigma, alphas, n_terms):
+    """Terms i = 0..n_terms-1 of both fractional series: (log |term|, sign), shape [alphas, 2, i]."""
+    z0 = sigma ** 2 * (np.log1p(-q) - np.log(q)) + 0.5
+    a, i = alphas[:, None], np.arange(n_terms)[None, :]
+    j = a - i
+    log_binom, sign = _log_binom(a, i), gammasgn(a - i + 1)  # C(alpha, i) alternates for i > alpha
+    log_1 = (log_binom + j * np.log1p(-q) + i * np.log(q)
+             + (i * i - i) / (2 * sigma ** 2) + log_ndtr((z0 - i) / sigma))
+    log_2 = (log_binom + j * np.log(q) + i * np.log1p(-q)
+             + (j * j - j) / (2 * sigma ** 2) + log_ndtr((j - z0) / sigma))
+    return np.stack([log_1, log_2], axis=1), np.stack([sign, sign], axis=1)
+
+
+def _log_a_fractional(q, sigma, alphas):
+    """log A at fractional orders, summing the two series, with a rigorous tail bound.
+
+    For i > alpha both series alternate in sign and their terms shrink in size (the binomial
+    factor shrinks, and the rest is non-increasing because the normal hazard rate exceeds its
+    argument), so each tail lies between 0 and its first omitted term. Adding that term, when
+    positive, makes the result an upper bound on A: we may over-report, never under-report.
+    Most settings converge in a few dozen terms; small sigma or q near 1/2 need thousands, so
+    the terms double, for the orders not yet converged only.
+    """
+    log_a, todo = np.empty(len(alphas)), np.arange(len(alphas))
+    n_terms = 128
+    while n_terms <= alphas.max() + 1:  # the tail bound needs the tail to start past alpha
+        n_terms *= 2
+    while todo.size:
+        log_t, sign = _fractional_terms(q, sigma, alphas[todo], n_terms + 1)
+        peak = log_t[:, :, :-1].max(axis=(1, 2))
+        scaled = sign * np.exp(log_t - peak[:, None, None])  # terms / e^peak, so no overflow
+        total, next_term = scaled[:, :, :-1].sum(axis=(1, 2)), scaled[:, :, -1]
+        log_a[todo] = peak + np.log(total + np.maximum(next_term, 0).sum(axis=1))
+        converged = np.abs(next_term).max(axis=1) <= SERIES_RTOL * total
+        todo = todo[~converged] if n_terms < SERIES_MAX_TERMS else todo[:0]
+        n_terms *= 2
+    return log_a
+
+
+def rdp(q, sigma, steps, orders=None):
+    """RDP (one value per order) of `steps` Poisson-subsampled Gaussian steps."""
+    q, sigma, steps = _check_mechanism(q, sigma, steps)
+    orders = _check_orders(orders)
+    if q == 0 or steps == 0:
+        return np.zeros(len(orders))
+    if q == 1:  # no subsampling: the Gaussian mechanism's RDP in closed form
+        return steps * orders / (2 * sigma ** 2)
+    log_a = np.empty(len(orders))
+    is_int = orders == np.round(orders)
+    if is_int.any():
+        log_a[is_int] = _log_a_integer(q, sigma, orders[is_int])
+    if (~is_int).any():
+        log_a[~is_int] = _log_a_fractional(q, sigma, orders[~is_int])
+    # A >= 1 (Jensen); clipping float round-off below 0 can only raise the reported cost.
+    return steps * np.maximum(log_a, 0.0) / (orders - 1)
+
+
+# ---------------------------------------------------------------- composition and conversion
+def _history_rdp(history, orders):
+    total = np.zeros(len(orders))
+    for index, entry in enumerate(history):
+        try:
+            q, sigma, steps = entry
+        except (TypeError, ValueError):
+            raise ValueError(f"history[{index}]: must be a (q, sigma, steps) triple") from None
+        total += rdp(q, sigma, steps, orders)  # RDP composes by addition
+    return total
+
+
+def _rdp_to_epsilon(total_rdp, delta, orders, warn=True):
+    """Best (eps, order) over the grid (Balle et al. 2020 Thm 21); warn if it is at an edge."""
+    eps = total_rdp + np.log1p(-1 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1)
+    best = int(np.argmin(eps))
+    if warn and len(orders) > 1 and orders[best] in (orders.min(), orders.max()):
+        warnings.warn(f"best order {orders[best]:g} is at the edge of the order grid; "
+                      "a wider grid may give a smaller epsilon", stacklevel=3)
+    return max(float(eps[best]), 0.0), float(orders[best])  # a negative eps still means 0
+
+
+def epsilon(history, delta, orders=None):
+    """(eps, best_order) spent by a history of (q, sigma, steps) mechanisms at `delta`."""
+    delta, orders = _check_delta(delta), _check_orders(orders)
+    return _rdp_to_epsilon(_history_rdp(history, orders), delta, orders)
+
+
+def calibrate_sigma(target_eps, delta, q, steps, history=(), orders=None):
+    """Smallest sigma (to 0.1 %, rounded up) such that history + (q, sigma, steps) spends <= target_eps.
+
+    eps falls as sigma grows (each order's RDP does), so: bracket, then bisect, and return the
+    upper end of the bracket, which always meets the target.
+    """
+    target_eps = _check("target_eps", target_eps, lambda v: v > 0, "> 0")
+    delta, orders = _check_delta(delta), _check_orders(orders)
+    q, _, steps = _check_mechanism(q, 1.0, steps)
+    if q == 0 or steps == 0:
+        raise ValueError("q, steps: with q = 0 or no steps the mechanism costs nothing; no sigma to calibrate")
+    spent = _history_rdp(history, orders)
+    floor = _rdp_to_epsilon(spent, delta, orders, warn=False)[0]
+    if floor >= target_eps:
+        raise ValueError(f"target_eps: {target_eps:g} is not above the {floor:.4g} that the history "
+                         "alone spends (on this order grid)")
+
+    def meets(sigma):
+        total = spent + rdp(q, sigma, steps, orders)
+        return _rdp_to_epsilon(total, delta, orders, warn=False)[0] <= target_eps
+
+    low = high = 1.0  # invariant after bracketing: meets(high) and not meets(low)
+    while meets(low):
+        high, low = low, low / 2
+        if low < SIGMA_RANGE[0]:
+            raise ValueError(f"target_eps: {target_eps:g} is met even with sigma < {SIGMA_RANGE[0]:g}")
+    while not meets(high):
+        low, high = high, high * 2
+        if high > SIGMA_RANGE[1]:
+            raise ValueError(f"target_eps: {target_eps:g} cannot be met with sigma up to {SIGMA_RANGE[1]:g}")
+    while high / low - 1 > 1e-3:
+        middle = (low + high) / 2
+        low, high = (low, middle) if meets(middle) else (middle, high)
+    _rdp_to_epsilon(spent + rdp(q, high, steps, orders), delta, orders)  # warns at a grid edge
+    return high
+
+
+# ---------------------------------------------------------------- ledger
+class PrivacyLedger:
+    """The history of one run, named per stage, saved in checkpoints as plain JSON.
+
+    add() merges into the last entry when name, q and sigma are equal, so DP-SGD can add one
+    step at a time and the history stays as short as the number of distinct stages.
+    """
+
+    def __init__(self, delta):
+        self.delta = _check_delta(delta)
+        self.entries = []  # [name, q, sigma, steps]
+
+    def add(self, name, q, sigma, steps=1):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name: must be a non-empty string, got {name!r}")
+        q, sigma, steps = _check_mechanism(q, sigma, steps)
+        if self.entries and self.entries[-1][:3] == [name, q, sigma]:
+            self.entries[-1][3] += steps
+        else:
+            self.entries.append([name, q, sigma, steps])
+
+    @property
+    def history(self):
+        return [(q, sigma, steps) for _, q, sigma, steps in self.entries]
+
+    def epsilon(self, orders=None):
+        return epsilon(self.history, self.delta, orders)
+
+    def to_dict(self):
+        return {"delta": self.delta,
+                "entries": [dict(name=n, q=q, sigma=s, steps=t) for n, q, s, t in self.entries]}
+
+    @classmethod
+    def from_dict(cls, d):
+        try:
+            ledger = cls(d["delta"])
+            for entry in d["entries"]:
+                ledger.add(entry["name"], entry["q"], entry["sigma"], entry["steps"])
+        except (KeyError, TypeError):
+            raise ValueError("ledger: expected {'delta': .., 'entries': [{name, q, sigma, steps}, ..]}") from None
+        return ledger
+
+
+# ---------------------------------------------------------------- command line
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
+        self.exit(2, f"error: {message}\n")
+
+
+def _stage(text):
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"--stage needs Q,SIGMA,STEPS, got {text!r}")
+    return tuple(parts)  # checked by rdp() like any other input
+
+
+def main(argv=None):
+    parser = _OneLineParser(
+        description="Epsilon of Poisson-subsampled Gaussian mechanisms (RDP accountant), or the "
+                    "sigma that meets a target epsilon.",
+        epilog="examples:\n"
+               "  accountant.py --q 0.0667 --sigma 13.1 --steps 2250\n"
+               "  accountant.py --q 0.0667 --eps 1 --steps 2250\n"
+               "  accountant.py --stage 0.1,5,5 --q 0.0667 --eps 1 --steps 2250   (central images, then DP-SGD)\n"
+               "  accountant.py --stage 0.1,5,5 --stage 0.0667,13.1,2250",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", type=_stage, action="append", default=[], metavar="Q,SIGMA,STEPS",
+                        help="an earlier mechanism in the history; repeat for several (in order)")
+    parser.add_argument("--q", help="sampling rate of the last mechanism")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("--sigma", help="its noise multiplier: print epsilon")
+    noise.add_argument("--eps", help="target epsilon: print the sigma that meets it")
+    parser.add_argument("--steps", help="its number of steps")
+    parser.add_argument("--delta", default="1e-5", help="delta (default 1e-5)")
+    args = parser.parse_args(argv)
+    last = (args.q, args.sigma, args.steps)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if args.eps is not None:
+                if args.q is None or args.steps is None:
+                    raise ValueError("--eps: needs --q and --steps")
+                sigma = calibrate_sigma(args.eps, args.delta, args.q, args.steps, args.stage)
+                eps, order = epsilon(args.stage + [(args.q, sigma, args.steps)], args.delta)
+                print(f"sigma={sigma:.4f} (epsilon={eps:.4f} at delta={float(args.delta):g}, best order {order:g})")
+            else:
+                if any(v is None for v in last) and any(v is not None for v in last):
+                    raise ValueError("--q, --sigma, --steps: give all three (or --eps instead of --sigma)")
+                history = args.stage + ([last] if last[0] is not None else [])
+                if not history:
+                    raise ValueError("nothing to account: give --q/--sigma/--steps or --stage")
+                eps, order = epsilon(history, args.delta)
+                print(f"epsilon={eps:.4f} at delta={float(args.delta):g} (best order {order:g})")
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
