@@ -108,6 +108,8 @@ def central_images(images, labels, num_classes, q=0.1, sigma=5.0, queries=5, gen
     if images.dim() != 4 or labels.shape != (images.shape[0],):
         raise ValueError("images: expected [N,C,H,W] with labels [N], got %s and %s"
                          % (tuple(images.shape), tuple(labels.shape)))
+    if images.shape[0] == 0:
+        raise ValueError("images: the sensitive set is empty")
     if not 0.0 < q <= 1.0:
         raise ValueError("q: sampling rate must be in (0, 1], got %r" % (q,))
     if not sigma >= 0.0:
