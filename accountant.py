@@ -22,6 +22,9 @@ Poisson sample (each record kept independently with probability q). A run is the
        eps = min_alpha  rdp(alpha) + log((alpha - 1) / alpha) - (log(delta) + log(alpha)) / (alpha - 1).
 
 Everything is computed in log space and vectorised over the order grid; nothing is cached.
+Precision: integer orders sum A - 1 (all terms positive), so they keep full relative precision.
+The fractional series sums A itself; at sigma in the hundreds A is within 1e-10 of 1 and those
+orders carry a round-off of ~1e-16 in log A per step: harmless, such settings pick large orders.
 """
 import argparse
 import math
@@ -194,9 +197,8 @@ def calibrate_sigma(target_eps, delta, q, steps, history=(), orders=None):
     """
     target_eps = _check("target_eps", target_eps, lambda v: v > 0, "> 0")
     delta, orders = _check_delta(delta), _check_orders(orders)
-    q, _, steps = _check_mechanism(q, 1.0, steps)
-    if q == 0 or steps == 0:
-        raise ValueError("q, steps: with q = 0 or no steps the mechanism costs nothing; no sigma to calibrate")
+    q = _check("q", q, lambda v: 0 < v <= 1, "in (0, 1] (q = 0 costs nothing)")
+    steps = int(_check("steps", steps, lambda v: v >= 1 and v == int(v), "a whole number >= 1"))
     spent = _history_rdp(history, orders)
     floor = _rdp_to_epsilon(spent, delta, orders, warn=False)[0]
     if floor >= target_eps:
@@ -207,15 +209,15 @@ def calibrate_sigma(target_eps, delta, q, steps, history=(), orders=None):
         total = spent + rdp(q, sigma, steps, orders)
         return _rdp_to_epsilon(total, delta, orders, warn=False)[0] <= target_eps
 
-    low = high = 1.0  # invariant after bracketing: meets(high) and not meets(low)
+    low = high = 1.0  # after bracketing: meets(high) and not meets(low)
     while meets(low):
+        if low <= SIGMA_RANGE[0]:
+            raise ValueError(f"target_eps: {target_eps:g} is met even with sigma = {low:g}")
         high, low = low, low / 2
-        if low < SIGMA_RANGE[0]:
-            raise ValueError(f"target_eps: {target_eps:g} is met even with sigma < {SIGMA_RANGE[0]:g}")
     while not meets(high):
+        if high >= SIGMA_RANGE[1]:
+            raise ValueError(f"target_eps: {target_eps:g} cannot be met even with sigma = {high:g}")
         low, high = high, high * 2
-        if high > SIGMA_RANGE[1]:
-            raise ValueError(f"target_eps: {target_eps:g} cannot be met with sigma up to {SIGMA_RANGE[1]:g}")
     while high / low - 1 > 1e-3:
         middle = (low + high) / 2
         low, high = (low, middle) if meets(middle) else (middle, high)
@@ -262,7 +264,7 @@ class PrivacyLedger:
             for entry in d["entries"]:
                 ledger.add(entry["name"], entry["q"], entry["sigma"], entry["steps"])
         except (KeyError, TypeError):
-            raise ValueError("ledger: expected {'delta': .., 'entries': [{name, q, sigma, steps}, ..]}") from None
+            raise ValueError("ledger: expected {'delta': d, 'entries': [{name, q, sigma, steps}]}") from None
         return ledger
 
 
@@ -275,52 +277,61 @@ class _OneLineParser(argparse.ArgumentParser):
 def _stage(text):
     parts = text.split(",")
     if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"--stage needs Q,SIGMA,STEPS, got {text!r}")
+        raise argparse.ArgumentTypeError(f"needs Q,SIGMA,STEPS, got {text!r}")
     return tuple(parts)  # checked by rdp() like any other input
+
+
+def _rounded_up(value):  # what the command line prints must not understate eps or sigma
+    return f"{math.ceil(value * 1e4) / 1e4:.4f}"
+
+
+def _answer(args):
+    delta, history, last = _check_delta(args.delta), list(args.stage), (args.q, args.sigma, args.steps)
+    if args.eps is not None:
+        if args.q is None or args.steps is None:
+            raise ValueError("--eps: needs --q and --steps (the mechanism to calibrate)")
+        sigma = calibrate_sigma(args.eps, delta, args.q, args.steps, history)
+        sigma = math.ceil(sigma * 1e4) / 1e4  # the printed sigma itself still meets the target
+        eps, order = epsilon(history + [(args.q, sigma, args.steps)], delta)
+        return f"sigma={sigma:.4f} (epsilon={_rounded_up(eps)} at delta={delta:g}, best order {order:g})"
+    if None not in last:
+        history.append(last)
+    elif any(value is not None for value in last):
+        raise ValueError("--q, --sigma, --steps: give all three (or --eps instead of --sigma)")
+    if not history:
+        raise ValueError("--stage, --q: nothing to account; give a mechanism")
+    eps, order = epsilon(history, delta)
+    return f"epsilon={_rounded_up(eps)} at delta={delta:g} (best order {order:g})"
 
 
 def main(argv=None):
     parser = _OneLineParser(
-        description="Epsilon of Poisson-subsampled Gaussian mechanisms (RDP accountant), or the "
-                    "sigma that meets a target epsilon.",
+        description="Epsilon spent by Poisson-subsampled Gaussian mechanisms (RDP accountant),\n"
+                    "or the smallest sigma that meets a target epsilon. Prints one line.",
         epilog="examples:\n"
                "  accountant.py --q 0.0667 --sigma 13.1 --steps 2250\n"
                "  accountant.py --q 0.0667 --eps 1 --steps 2250\n"
-               "  accountant.py --stage 0.1,5,5 --q 0.0667 --eps 1 --steps 2250   (central images, then DP-SGD)\n"
+               "  accountant.py --stage 0.1,5,5 --q 0.0667 --eps 1 --steps 2250  # central, then DP-SGD\n"
                "  accountant.py --stage 0.1,5,5 --stage 0.0667,13.1,2250",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=_stage, action="append", default=[], metavar="Q,SIGMA,STEPS",
-                        help="an earlier mechanism in the history; repeat for several (in order)")
+                        help="an earlier mechanism of the history; repeat for several, in order")
     parser.add_argument("--q", help="sampling rate of the last mechanism")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("--sigma", help="its noise multiplier: print epsilon")
-    noise.add_argument("--eps", help="target epsilon: print the sigma that meets it")
+    noise.add_argument("--eps", help="target epsilon: print the smallest sigma that meets it")
     parser.add_argument("--steps", help="its number of steps")
     parser.add_argument("--delta", default="1e-5", help="delta (default 1e-5)")
     args = parser.parse_args(argv)
-    last = (args.q, args.sigma, args.steps)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if args.eps is not None:
-                if args.q is None or args.steps is None:
-                    raise ValueError("--eps: needs --q and --steps")
-                sigma = calibrate_sigma(args.eps, args.delta, args.q, args.steps, args.stage)
-                eps, order = epsilon(args.stage + [(args.q, sigma, args.steps)], args.delta)
-                print(f"sigma={sigma:.4f} (epsilon={eps:.4f} at delta={float(args.delta):g}, best order {order:g})")
-            else:
-                if any(v is None for v in last) and any(v is not None for v in last):
-                    raise ValueError("--q, --sigma, --steps: give all three (or --eps instead of --sigma)")
-                history = args.stage + ([last] if last[0] is not None else [])
-                if not history:
-                    raise ValueError("nothing to account: give --q/--sigma/--steps or --stage")
-                eps, order = epsilon(history, args.delta)
-                print(f"epsilon={eps:.4f} at delta={float(args.delta):g} (best order {order:g})")
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
+            print(_answer(args))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for message in dict.fromkeys(str(w.message) for w in caught):  # each warning once
+        print(f"warning: {message}", file=sys.stderr)
     return 0
 
 
