@@ -6,12 +6,12 @@ Poisson sample (each record kept independently with probability q). A run is the
 *history*: a list of (q, sigma, steps). This module turns a history into one (epsilon, delta).
 
 1. Per step, at Renyi order alpha > 1 (Mironov, Talwar, Zhang 2019, "Renyi Differential Privacy
-   of the Sampled Gaussian Mechanism"): rdp(alpha) = log(A) / (alpha - 1), where, with
-   mu0 = N(0, sigma^2) and mu1 = N(1, sigma^2),
+   of the Sampled Gaussian Mechanism", arXiv:1908.10530): rdp(alpha) = log(A) / (alpha - 1),
+   where, with mu0 = N(0, sigma^2) and mu1 = N(1, sigma^2),
        A = E_{z ~ mu0} [ ((1 - q) + q * mu1(z) / mu0(z)) ^ alpha ].
    Integer alpha: expand the power binomially (exact, finite):
        A = sum_{k=0}^{alpha} C(alpha, k) (1-q)^(alpha-k) q^k exp((k^2 - k) / (2 sigma^2)).
-   Fractional alpha: split the integral at z0 = sigma^2 log(1/q - 1) + 1/2, where the two
+   Fractional alpha (their Sec. 3.3): split the integral at z0 = sigma^2 log(1/q - 1) + 1/2, where the two
    mixture parts are equal, and expand on each side in powers of the smaller part:
        A = sum_i C(alpha, i) (1-q)^(alpha-i) q^i     e^((i^2-i)/(2 sigma^2)) Phi((z0 - i) / sigma)
          + sum_i C(alpha, i) q^(alpha-i) (1-q)^i     e^((j^2-j)/(2 sigma^2)) Phi((j - z0) / sigma),
@@ -44,6 +44,7 @@ DEFAULT_ORDERS.flags.writeable = False
 SERIES_RTOL = 1e-14         # stop a fractional series once its tail is this small relative to A
 SERIES_MAX_TERMS = 2 ** 14  # ... or at this many terms, keeping the (still rigorous) tail bound
 SIGMA_RANGE = (1e-2, 1e6)   # where calibrate_sigma searches
+MAX_ORDER = 10_000          # the sums grow with the order; 1024 is already ample
 
 
 # ---------------------------------------------------------------- input checks
@@ -78,8 +79,8 @@ def _check_orders(orders):
         orders = np.atleast_1d(np.asarray(orders, dtype=float))
     except (TypeError, ValueError):
         raise ValueError("orders: must be a list of numbers") from None
-    if orders.ndim != 1 or orders.size == 0 or not np.all(np.isfinite(orders) & (orders > 1)):
-        raise ValueError("orders: must be a non-empty list of finite numbers > 1")
+    if orders.ndim != 1 or orders.size == 0 or not np.all((orders > 1) & (orders <= MAX_ORDER)):
+        raise ValueError(f"orders: must be a non-empty list of numbers in (1, {MAX_ORDER}]")
     return orders
 
 

@@ -261,6 +261,7 @@ BAD_CALLS = [
     ("steps", lambda: rdp(0.1, 1.0, NAN)), ("steps", lambda: rdp(0.1, 1.0, INF)),
     ("orders", lambda: rdp(0.1, 1.0, 1, [1.0])), ("orders", lambda: rdp(0.1, 1.0, 1, [0.5, 2])),
     ("orders", lambda: rdp(0.1, 1.0, 1, [NAN])), ("orders", lambda: rdp(0.1, 1.0, 1, [])),
+    ("orders", lambda: rdp(0.1, 1.0, 1, [1e12])), ("orders", lambda: rdp(0.1, 1.0, 1, ["two"])),
     ("delta", lambda: epsilon([CENTRAL], 0.0)), ("delta", lambda: epsilon([CENTRAL], 1.0)),
     ("delta", lambda: epsilon([CENTRAL], -1e-5)), ("delta", lambda: epsilon([CENTRAL], NAN)),
     ("history", lambda: epsilon(BAD_HISTORY, 1e-5)), ("sigma", lambda: epsilon([(0.1, 0.0, 5)], 1e-5)),
