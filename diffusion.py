@@ -1,0 +1,382 @@
+"""The diffusion model: a class-conditional UNet and a DDPM (Ho et al. 2020).
+
+Notation follows Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models" (2020):
+  forward process  q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)            (eq. 4)
+  training loss    || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2   (eq. 14)
+  sampling         Algorithm 2 (ancestral), with the posterior mean of eq. 7
+and DDIM (Song, Meng & Ermon 2021, eq. 12 with eta = 0) for fast deterministic sampling.
+Class conditioning uses classifier-free guidance (Ho & Salimans 2022): during training the label
+is replaced by a "null" label K with probability p_uncond; at sampling time
+eps = (1 + w) eps(x, y) - w eps(x, null).
+
+Everything is written for DP-SGD: the loss is per example (shape [B]) and the model never mixes
+examples of a batch (GroupNorm, not BatchNorm), so torch.func.vmap(grad(...)) over single examples
+works. Timestep indices t run 0..T-1 (Ho's t = 1..T). Images live in [-1, 1] here.
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------
+# UNet
+# --------------------------------------------------------------------------------------------
+
+def _groups(channels):
+    # About 4 channels per group (at most 32 groups), and always a divisor of the width.
+    return math.gcd(channels, min(32, max(1, channels // 4)))
+
+
+def timestep_embedding(t, dim):
+    """Transformer-style sinusoidal embedding of integer timesteps t [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over the pixels of each image, with a residual connection."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
+        weights = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(c), dim=-1)  # [b, hw, hw]
+        out = v @ weights.transpose(1, 2)                                       # [b, c, hw]
+        return x + self.proj(out.reshape(b, c, h, w))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the embedding added in between; optional attention after."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, attention=False):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attention = SelfAttention(out_ch) if attention else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.attention(self.skip(x) + h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, y): predicts the noise in x_t. y == num_classes is the null label.
+
+    Levels run at image_size, image_size/2, ...; level i has base_width * channel_mults[i]
+    channels and num_res_blocks residual blocks (attention inside those whose resolution is in
+    attn_resolutions). The middle block, at the lowest resolution, always has attention.
+    """
+
+    def __init__(self, in_channels, image_size, num_classes, base_width=32, channel_mults=(2, 2),
+                 num_res_blocks=2, attn_resolutions=(14,)):
+        super().__init__()
+        if image_size % 2 ** (len(channel_mults) - 1):
+            raise ValueError(f"image_size: {image_size} is not divisible by "
+                             f"2**{len(channel_mults) - 1} (one halving per extra level)")
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.base_width = base_width
+        emb_dim = 4 * base_width
+        self.time_mlp = nn.Sequential(nn.Linear(base_width, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim)  # last row = null label
+        self.conv_in = nn.Conv2d(in_channels, base_width, 3, padding=1)
+
+        # Down path; remember the width of every output, each becomes a skip connection.
+        self.down = nn.ModuleList()
+        skip_widths, ch, res = [base_width], base_width, image_size
+        for level, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(ch, base_width * mult, emb_dim, res in attn_resolutions))
+                ch = base_width * mult
+                skip_widths.append(ch)
+            if level < len(channel_mults) - 1:
+                self.down.append(Downsample(ch))
+                skip_widths.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, attention=True),
+                                  ResBlock(ch, ch, emb_dim)])
+        # Up path mirrors it: one extra block per level so every skip is consumed once.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            for _ in range(num_res_blocks + 1):
+                out = base_width * mult
+                self.up.append(ResBlock(ch + skip_widths.pop(), out, emb_dim,
+                                        res in attn_resolutions))
+                ch = out
+            if level > 0:
+                self.up.append(Upsample(ch))
+                res *= 2
+        self.norm_out = nn.GroupNorm(_groups(ch), ch)
+        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        # Zero output: the untrained model predicts eps = 0, a calm start (loss = 1).
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, t, y):
+        emb = self.time_mlp(timestep_embedding(t, self.base_width)) + self.class_emb(y)
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, skips.pop()], 1), emb) if isinstance(layer, ResBlock) else layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# Attention at 14x14 (28x28 images) or 16x16 (32x32 images): whichever exists.
+MODEL_SIZES = {
+    # The paper's ~1.5 M-parameter model (for 28x28x1).
+    "paper": dict(base_width=32, channel_mults=(2, 2), num_res_blocks=2, attn_resolutions=(14, 16)),
+    # Sized for DP-SGD with per-example gradients on a 2-core CPU.
+    "small": dict(base_width=32, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=()),
+}
+
+
+def make_unet(size, in_channels, image_size, num_classes):
+    if size not in MODEL_SIZES:
+        raise ValueError(f"size: unknown model size {size!r}, choose from {sorted(MODEL_SIZES)}")
+    return UNet(in_channels, image_size, num_classes, **MODEL_SIZES[size])
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# DDPM
+# --------------------------------------------------------------------------------------------
+
+def linear_betas(num_steps):
+    # Ho et al.: beta from 1e-4 to 0.02 over T = 1000; rescaled so other T give the same path.
+    scale = 1000.0 / num_steps
+    return torch.linspace(1e-4 * scale, 0.02 * scale, num_steps, dtype=torch.float64)
+
+
+def cosine_betas(num_steps, s=0.008):
+    # Nichol & Dhariwal 2021: abar(t) = cos^2((t/T + s)/(1 + s) * pi/2); betas capped at 0.999.
+    steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    abar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+
+
+class DDPM:
+    """Noise schedule (float64), forward noising, the per-example loss and the samplers.
+
+    num_classes is the number of real labels K; label K is the null label for guidance.
+    timestep_dist: "uniform" (Ho et al.), or "noisy": P(t) proportional to t + 1, which spends
+    more of the (DP-noised) gradient signal on noisy timesteps, where the coarse shape of the
+    image is decided.
+    """
+
+    def __init__(self, num_steps=1000, schedule="linear", timestep_dist="uniform", num_classes=10):
+        if schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule: must be 'linear' or 'cosine', got {schedule!r}")
+        if timestep_dist not in ("uniform", "noisy"):
+            raise ValueError(f"timestep_dist: must be 'uniform' or 'noisy', got {timestep_dist!r}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
+        self.num_steps, self.schedule, self.timestep_dist = num_steps, schedule, timestep_dist
+        self.num_classes = num_classes
+        self.betas = linear_betas(num_steps) if schedule == "linear" else cosine_betas(num_steps)
+        self.alphas_bar = torch.cumprod(1 - self.betas, dim=0)
+        # Probabilities of each training timestep (float64, summing to 1).
+        weights = torch.ones(num_steps, dtype=torch.float64)
+        if timestep_dist == "noisy":
+            weights = torch.arange(1, num_steps + 1, dtype=torch.float64)
+        self.timestep_probs = weights / weights.sum()
+
+    def to(self, device):
+        """Keep the schedule on `device` (it is moved on demand anyway); returns self."""
+        self.betas, self.alphas_bar, self.timestep_probs = (
+            v.to(device) for v in (self.betas, self.alphas_bar, self.timestep_probs))
+        return self
+
+    def _abar(self, t, like):
+        """abar_t gathered for an index tensor t, in like's dtype/device, shaped for broadcasting."""
+        abar = self.alphas_bar.to(like.device)[t].to(like.dtype)
+        return abar.reshape(*t.shape, *([1] * (like.dim() - t.dim())))
+
+    def q_sample(self, x0, t, noise):
+        """Sample x_t ~ q(x_t | x_0) by eq. 4: sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+
+        t has the leading shape of x0 (e.g. [B] for x0 [B,C,H,W], or [B,K] for [B,K,C,H,W])."""
+        abar = self._abar(t, x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def draw_inputs(self, y, num_draws, image_shape, generator, p_uncond=0.1):
+        """All the randomness of one training step, drawn outside vmap.
+
+        Returns y_in [B] (labels, each replaced by the null label with probability p_uncond),
+        t [B, K] timestep indices and noise [B, K, *image_shape] for K = num_draws draws."""
+        if num_draws < 1:
+            raise ValueError(f"num_draws: must be >= 1, got {num_draws}")
+        b = y.shape[0]
+        g_dev = generator.device
+        drop = torch.rand(b, generator=generator, device=g_dev) < p_uncond
+        y_in = torch.where(drop.to(y.device), torch.full_like(y, self.num_classes), y)
+        if self.timestep_dist == "uniform":
+            t = torch.randint(self.num_steps, (b, num_draws), generator=generator, device=g_dev)
+        else:
+            t = torch.multinomial(self.timestep_probs.to(g_dev), b * num_draws, replacement=True,
+                                  generator=generator).reshape(b, num_draws)
+        noise = torch.randn(b, num_draws, *image_shape, generator=generator, device=g_dev)
+        return y_in, t.to(y.device), noise.to(y.device)
+
+    def loss(self, model, x0, y_in, t, noise):
+        """Per-example simplified loss (eq. 14), averaged over the K noise draws -> [B].
+
+        Averaging inside the example (before any clipping) is DP-FETA's noise multiplicity: K
+        draws cost no extra privacy. The K draws go through the model as one batch of B*K."""
+        b, k = t.shape
+        x_t = self.q_sample(x0.unsqueeze(1), t, noise)                  # [B, K, C, H, W]
+        eps = model(x_t.reshape(b * k, *x0.shape[1:]), t.reshape(b * k),
+                    y_in.unsqueeze(1).expand(b, k).reshape(b * k))
+        per_draw = ((eps - noise.reshape(b * k, *x0.shape[1:])) ** 2).mean(dim=(1, 2, 3))
+        return per_draw.reshape(b, k).mean(dim=1)
+
+    # ---------------------------------------------------------------------- sampling
+
+    def _guided_eps(self, model, x, t, y, guidance):
+        """Classifier-free guidance: (1 + w) eps(x, y) - w eps(x, null); w = 0 is one pass."""
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        if guidance == 0:
+            return model(x, tt, y)
+        null = torch.full_like(y, self.num_classes)
+        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]),
+                                     torch.cat([y, null])).chunk(2)
+        return (1 + guidance) * eps_cond - guidance * eps_uncond
+
+    def _ancestral(self, model, x, y, guidance, generator):
+        """Algorithm 2: x_{t-1} ~ N(mu(x_t, x0_hat), beta_tilde_t I), t = T..1.
+
+        The mean is the posterior mean of eq. 7 with x0_hat (from eps, eq. 4 inverted) clipped
+        to the data range [-1, 1], as in Ho et al.'s code; the variance is beta_tilde (eq. 7)."""
+        betas, abar = self.betas, self.alphas_bar
+        for t in reversed(range(self.num_steps)):
+            abar_prev = abar[t - 1] if t > 0 else abar.new_ones(())
+            eps = self._guided_eps(model, x, t, y, guidance)
+            x0 = ((x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()).clamp(-1, 1)
+            coef_x0 = abar_prev.sqrt() * betas[t] / (1 - abar[t])
+            coef_xt = (1 - betas[t]).sqrt() * (1 - abar_prev) / (1 - abar[t])
+            x = coef_x0 * x0 + coef_xt * x
+            if t > 0:
+                var = betas[t] * (1 - abar_prev) / (1 - abar[t])
+                x = x + var.sqrt() * self._noise_like(x, generator)
+        return x
+
+    def _ddim(self, model, x, y, guidance, steps):
+        """DDIM, Song et al. eq. 12 with eta = 0 (deterministic) on a subsequence of timesteps:
+        x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps."""
+        ts = torch.linspace(self.num_steps - 1, 0, steps).round().long().unique_consecutive()
+        abar = self.alphas_bar
+        for i, t in enumerate(ts.tolist()):
+            eps = self._guided_eps(model, x, t, y, guidance)
+            x0 = ((x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()).clamp(-1, 1)
+            if i == len(ts) - 1:
+                return x0
+            eps = (x - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()  # consistent with clipped x0
+            t_prev = ts[i + 1]
+            x = abar[t_prev].sqrt() * x0 + (1 - abar[t_prev]).sqrt() * eps
+        return x
+
+    @staticmethod
+    def _noise_like(x, generator):
+        # Drawn on the generator's device, so a seed gives the same images on CPU and GPU.
+        return torch.randn(x.shape, generator=generator, device=generator.device).to(x)
+
+    def sample(self, model, labels, generator, steps=None, guidance=0.0, batch_size=500,
+               image_shape=None):
+        """Generate images for the given labels -> uint8 [n, C, H, W] on the CPU.
+
+        labels: int64 [n], or an int n to draw n labels uniformly. steps: None for the full
+        ancestral sampler (T model calls), else the number of DDIM steps. guidance: w >= 0.
+        image_shape (C, H, W) defaults to the UNet's. Memory is bounded by batch_size."""
+        if isinstance(labels, int):
+            labels = torch.randint(self.num_classes, (labels,), generator=generator,
+                                   device=generator.device)
+        if steps is not None and not 1 <= steps <= self.num_steps:
+            raise ValueError(f"steps: must be in 1..{self.num_steps} or None, got {steps}")
+        if guidance < 0:
+            raise ValueError(f"guidance: must be >= 0, got {guidance}")
+        if image_shape is None:
+            image_shape = (model.in_channels, model.image_size, model.image_size)
+        params = list(model.parameters()) if isinstance(model, nn.Module) else []
+        device = params[0].device if params else labels.device
+        # The schedule is float64; keep the arithmetic in float64 and feed the model float32.
+        float_model = lambda x, t, y: model(x.float(), t, y).double()  # noqa: E731
+        out = []
+        with torch.inference_mode():
+            for y in labels.to(device).split(batch_size):
+                x = self._noise_like(torch.empty(len(y), *image_shape, dtype=torch.float64,
+                                                 device=device), generator)
+                if steps is None:
+                    x = self._ancestral(float_model, x, y, guidance, generator)
+                else:
+                    x = self._ddim(float_model, x, y, guidance, steps)
+                out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# EMA
+# --------------------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of a model's weights: ema <- decay * ema + (1 - decay) * w."""
+
+    def __init__(self, model, decay=0.999):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay: must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    def state_dict(self):
+        return {"decay": self.decay, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state):
+        self.decay = state["decay"]
+        self.model.load_state_dict(state["model"])

@@ -1,0 +1,362 @@
+"""Tests for diffusion.py: UNet shapes and size, schedule, forward noising, the per-example loss,
+per-example gradients under vmap, samplers (determinism, labels, guidance) and the EMA."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call, grad, vmap
+
+import diffusion
+from diffusion import DDPM, EMA, UNet, count_parameters, make_unet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These tensors are tiny: one thread is as fast, and far faster when other processes
+    # share the cores (intra-op threads then spin-wait on each other).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_unet(channels=1, size=16, num_classes=10):
+    return UNet(channels, size, num_classes, base_width=8, channel_mults=(1, 2), num_res_blocks=1,
+                attn_resolutions=(size // 2,))
+
+
+def randomise_output_layer(model, seed=0):
+    # The output conv starts at zero (eps = 0 everywhere); give it weights so outputs depend on
+    # the inputs and gradients reach every layer.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.conv_out.weight.copy_(0.1 * torch.randn(model.conv_out.weight.shape, generator=g))
+    return model
+
+
+# ------------------------------------------------------------------------------ UNet
+
+@pytest.mark.parametrize("size_name", ["paper", "small"])
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_unet_output_shape(size_name, channels, size):
+    model = randomise_output_layer(make_unet(size_name, channels, size, 10))
+    x = torch.randn(3, channels, size, size)
+    out = model(x, torch.tensor([0, 500, 999]), torch.tensor([0, 9, 10]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_paper_size_has_about_1_5_million_parameters():
+    # The official DP-FETA UNet for 28x28 has 1.49 M parameters (PAPER.md section 3).
+    n = count_parameters(make_unet("paper", 1, 28, 10))
+    print(f"paper UNet: {n} parameters")
+    assert abs(n - 1.5e6) <= 0.1 * 1.5e6
+
+
+def test_small_size_is_smaller_than_paper():
+    n = count_parameters(make_unet("small", 1, 28, 10))
+    print(f"small UNet: {n} parameters")
+    assert n < count_parameters(make_unet("paper", 1, 28, 10)) / 2
+
+
+def test_output_layer_is_zero_initialised():
+    model = make_unet("small", 1, 28, 10)
+    out = model(torch.randn(2, 1, 28, 28), torch.tensor([3, 700]), torch.tensor([1, 10]))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("size_name", ["paper", "small"])
+def test_no_layer_mixes_examples(size_name):
+    model = make_unet(size_name, 1, 16, 10)
+    for name, module in model.named_modules():
+        assert not isinstance(module, (nn.modules.batchnorm._BatchNorm,
+                                       nn.modules.instancenorm._InstanceNorm)), name
+    # And functionally: changing the other examples of a batch leaves example 0's output alone.
+    randomise_output_layer(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 1, 16, 16, generator=g)
+    t, y = torch.tensor([10, 200, 400, 900]), torch.tensor([1, 2, 3, 10])
+    x_other = x.clone()
+    x_other[1:] = torch.randn(3, 1, 16, 16, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, y)[0], model(x_other, t, y)[0], atol=1e-6)
+
+
+def test_unknown_size_and_bad_image_size_raise():
+    with pytest.raises(ValueError, match="size"):
+        make_unet("huge", 1, 28, 10)
+    with pytest.raises(ValueError, match="image_size"):
+        UNet(1, 30, 10, channel_mults=(1, 2, 2))
+
+
+def test_class_label_changes_the_output():
+    model = randomise_output_layer(tiny_unet())
+    x, t = torch.randn(1, 1, 16, 16).repeat(2, 1, 1, 1), torch.tensor([100, 100])
+    with torch.no_grad():
+        out = model(x, t, torch.tensor([3, 10]))
+    assert not torch.allclose(out[0], out[1])
+
+
+# ------------------------------------------------------------------------------ schedule, noising
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_alpha_bar_strictly_decreasing_in_open_unit_interval(schedule):
+    ddpm = DDPM(1000, schedule)
+    abar = ddpm.alphas_bar
+    assert abar.dtype == torch.float64 and abar.shape == (1000,)
+    assert (abar > 0).all() and (abar < 1).all()
+    assert (abar[1:] < abar[:-1]).all()
+
+
+def test_linear_schedule_matches_ho_et_al():
+    # Ho et al. 2020, section 4: beta_1 = 1e-4 ... beta_T = 0.02, T = 1000, linear.
+    betas = DDPM(1000, "linear").betas
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+    assert torch.allclose(betas[1:] - betas[:-1], torch.full((999,), (0.02 - 1e-4) / 999,
+                                                             dtype=torch.float64))
+
+
+def test_forward_noising_mean_and_variance():
+    # eq. 4: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). 20,000 draws per pixel; the
+    # tolerances are 5 standard errors of the sample mean and of the sample variance.
+    ddpm, n = DDPM(1000, "linear"), 20000
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.linspace(-1, 1, 16).reshape(1, 1, 4, 4).expand(n, 1, 4, 4)
+    for step in (0, 250, 999):
+        t = torch.full((n,), step)
+        xt = ddpm.q_sample(x0, t, torch.randn(n, 1, 4, 4, generator=g)).double()
+        abar = ddpm.alphas_bar[step]
+        mean_err = (xt.mean(0) - abar.sqrt() * x0[0].double()).abs().max()
+        assert mean_err < 5 * math.sqrt((1 - abar) / n)
+        rel_var_err = (xt.var(0) / (1 - abar) - 1).abs().max()
+        assert rel_var_err < 5 * math.sqrt(2 / n)
+
+
+def test_draw_inputs_shapes_and_label_dropout_rate():
+    ddpm, g = DDPM(), torch.Generator().manual_seed(0)
+    y = torch.randint(10, (20000,), generator=g)
+    y_in, t, noise = ddpm.draw_inputs(y, 1, (1, 2, 2), g, p_uncond=0.1)
+    assert y_in.shape == (20000,) and t.shape == (20000, 1) and noise.shape == (20000, 1, 1, 2, 2)
+    dropped = y_in == 10
+    assert torch.equal(y_in[~dropped], y[~dropped])
+    assert abs(dropped.float().mean().item() - 0.1) < 5 * math.sqrt(0.1 * 0.9 / 20000)
+    y_in, t, noise = ddpm.draw_inputs(y[:5], 3, (3, 8, 8), g, p_uncond=0.0)
+    assert torch.equal(y_in, y[:5]) and t.shape == (5, 3) and noise.shape == (5, 3, 3, 8, 8)
+    assert (ddpm.draw_inputs(y[:5], 2, (1, 4, 4), g, p_uncond=1.0)[0] == 10).all()
+
+
+def test_draw_inputs_is_deterministic_for_a_seed():
+    ddpm, y = DDPM(), torch.arange(10)
+    a = ddpm.draw_inputs(y, 2, (1, 4, 4), torch.Generator().manual_seed(5))
+    b = ddpm.draw_inputs(y, 2, (1, 4, 4), torch.Generator().manual_seed(5))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("dist", ["uniform", "noisy"])
+def test_timestep_distribution_mean(dist):
+    # uniform on 0..T-1: mean (T-1)/2. "noisy": P(t) proportional to t+1, so
+    # E[t+1] = sum k^2 / sum k = (2T+1)/3. Tolerance: 5 standard errors.
+    T, n = 1000, 50000
+    ddpm = DDPM(T, timestep_dist=dist)
+    t = ddpm.draw_inputs(torch.zeros(n, dtype=torch.long), 1, (1, 1, 1),
+                         torch.Generator().manual_seed(0))[1].double()
+    assert t.min() >= 0 and t.max() <= T - 1
+    expected = (T - 1) / 2 if dist == "uniform" else (2 * T + 1) / 3 - 1
+    assert abs(t.mean().item() - expected) < 5 * t.std().item() / math.sqrt(n)
+
+
+def test_bad_ddpm_arguments_raise():
+    for kwargs, word in [(dict(schedule="quadratic"), "schedule"),
+                         (dict(timestep_dist="edm"), "timestep_dist"), (dict(num_steps=0), "num_steps")]:
+        with pytest.raises(ValueError, match=word):
+            DDPM(**kwargs)
+
+
+# ------------------------------------------------------------------------------ loss
+
+def test_loss_is_per_example_eq14_and_averages_the_draws():
+    model = randomise_output_layer(tiny_unet())
+    ddpm, g = DDPM(), torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 16, 16, generator=g) * 2 - 1
+    y_in, t, noise = ddpm.draw_inputs(torch.tensor([0, 1, 2, 3]), 3, (1, 16, 16), g)
+    loss = ddpm.loss(model, x0, y_in, t, noise)
+    assert loss.shape == (4,)
+    # By hand, one draw at a time, straight from eq. 4 and eq. 14.
+    abar = ddpm.alphas_bar.float()
+    manual = torch.zeros(4)
+    for k in range(3):
+        tk, nk = t[:, k], noise[:, k]
+        a = abar[tk].reshape(4, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * nk
+        manual += ((model(xt, tk, y_in) - nk) ** 2).mean(dim=(1, 2, 3)) / 3
+    assert torch.allclose(loss, manual, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_of_untrained_model_is_noise_power():
+    # Zero output -> the loss is the mean of eps^2, close to 1 (here over 4 x 2 x 256 values).
+    model, ddpm, g = make_unet("small", 1, 16, 10), DDPM(), torch.Generator().manual_seed(0)
+    y_in, t, noise = ddpm.draw_inputs(torch.arange(4), 2, (1, 16, 16), g)
+    loss = ddpm.loss(model, torch.zeros(4, 1, 16, 16), y_in, t, noise)
+    assert torch.allclose(loss, (noise ** 2).mean(dim=(1, 2, 3, 4)))
+
+
+def test_per_example_gradients_with_vmap_equal_a_loop():
+    # How DP-SGD calls the loss: vmap over examples, each given back a batch dim of 1.
+    # The small model on 16x16 images (same layers as for 28x28, a quarter of the work).
+    model = randomise_output_layer(make_unet("small", 1, 16, 10))
+    ddpm, g = DDPM(), torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    y_in, t, noise = ddpm.draw_inputs(torch.tensor([4, 5, 6]), 2, (1, 16, 16), g, p_uncond=0.5)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss_one(params, x, y, tt, n):
+        fmodel = lambda *args: functional_call(model, params, args)  # noqa: E731
+        return ddpm.loss(fmodel, x[None], y[None], tt[None], n[None]).sum()
+
+    batched = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))(params, x0, y_in, t, noise)
+    for i in range(3):
+        model.zero_grad()
+        ddpm.loss(model, x0[i:i + 1], y_in[i:i + 1], t[i:i + 1], noise[i:i + 1]).sum().backward()
+        for name, p in model.named_parameters():
+            assert torch.allclose(batched[name][i], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_overfitting_a_tiny_fixed_batch_drives_the_loss_down():
+    torch.manual_seed(0)  # weight initialisation
+    model, ddpm, g = tiny_unet(), DDPM(), torch.Generator().manual_seed(0)
+    x0 = torch.zeros(4, 1, 16, 16)
+    x0[0, :, 4:12, 7:9] = 1.0   # a bar, a square, a cross, a frame
+    x0[1, :, 4:12, 4:12] = 1.0
+    x0[2, :, 7:9, :] = x0[2, :, :, 7:9] = 1.0
+    x0[3, :, 2:14, 2:14], x0[3, :, 4:12, 4:12] = 1.0, 0.0
+    x0 = x0 * 2 - 1
+    y_in, t, noise = ddpm.draw_inputs(torch.arange(4), 2, (1, 16, 16), g, p_uncond=0.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = ddpm.loss(model, x0, y_in, t, noise).mean().item()
+    for _ in range(30):
+        loss = ddpm.loss(model, x0, y_in, t, noise).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    last = ddpm.loss(model, x0, y_in, t, noise).mean().item()
+    print(f"overfit: loss {first:.3f} -> {last:.3f}")
+    assert last < 0.5 * first
+
+
+# ------------------------------------------------------------------------------ samplers
+
+class OracleX0:
+    """A model that knows the answer: its eps makes the predicted x0 equal to a constant image
+    of brightness level[y]. Samplers must then return exactly that image (up to rounding)."""
+
+    def __init__(self, ddpm, level):
+        self.ddpm, self.level, self.calls = ddpm, level, []
+
+    def __call__(self, x, t, y):
+        self.calls.append(len(x))
+        abar = self.ddpm.alphas_bar.to(x)[t].reshape(-1, 1, 1, 1)
+        x0 = self.level.to(x)[y].reshape(-1, 1, 1, 1).expand_as(x)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def to_uint8(v):
+    return round((v + 1) * 127.5)
+
+
+@pytest.mark.parametrize("steps", [None, 10])
+def test_samplers_return_the_oracle_image_for_each_label(steps):
+    ddpm = DDPM(num_steps=50, num_classes=3)
+    level = torch.tensor([-0.8, 0.0, 0.6, 0.2])  # labels 0, 1, 2 and null
+    labels = torch.tensor([2, 0, 1, 1, 0])
+    out = ddpm.sample(OracleX0(ddpm, level), labels, torch.Generator().manual_seed(0), steps=steps,
+                      image_shape=(1, 4, 4))
+    assert out.dtype == torch.uint8 and out.shape == (5, 1, 4, 4)
+    for image, y in zip(out, labels):
+        assert (image.int() - to_uint8(level[y].item())).abs().max() <= 1
+
+
+def test_guidance_combines_conditional_and_unconditional_eps():
+    # eps = (1 + w) eps_cond - w eps_uncond makes x0_hat = (1 + w) x0_cond - w x0_null.
+    ddpm, w = DDPM(num_steps=50, num_classes=2), 0.5
+    level = torch.tensor([0.4, -0.2, 0.1])
+    model = OracleX0(ddpm, level)
+    out = ddpm.sample(model, torch.tensor([0, 1, 1]), torch.Generator().manual_seed(0), steps=5,
+                      guidance=w, image_shape=(1, 2, 2))
+    for image, y in zip(out, [0, 1, 1]):
+        target = (1 + w) * level[y].item() - w * level[2].item()
+        assert (image.int() - to_uint8(target)).abs().max() <= 1
+    # w = 0: one conditional pass per step, no unconditional pass.
+    model.calls.clear()
+    ddpm.sample(model, torch.tensor([0, 1, 1]), torch.Generator(), steps=5, image_shape=(1, 2, 2))
+    assert model.calls == [3] * 5
+
+
+def test_sampling_is_batched_with_bounded_memory():
+    ddpm = DDPM(num_steps=20, num_classes=2)
+    model = OracleX0(ddpm, torch.tensor([-0.5, 0.5, 0.0]))
+    labels = torch.tensor([0, 1] * 5)
+    out = ddpm.sample(model, labels, torch.Generator().manual_seed(0), steps=4, guidance=1.0,
+                      batch_size=3, image_shape=(1, 2, 2))
+    assert out.shape == (10, 1, 2, 2) and max(model.calls) <= 2 * 3
+    out_one_batch = ddpm.sample(model, labels, torch.Generator().manual_seed(0), steps=4,
+                                guidance=1.0, image_shape=(1, 2, 2))
+    assert torch.equal(out, out_one_batch)  # the oracle's answer does not depend on the noise
+
+
+@pytest.mark.parametrize("steps", [None, 8])
+def test_unet_sampler_is_deterministic_for_a_seed_and_respects_labels(steps):
+    model = randomise_output_layer(tiny_unet(num_classes=3), seed=1)
+    with torch.no_grad():  # make the labels matter a lot
+        model.class_emb.weight.mul_(20)
+    ddpm = DDPM(num_steps=30, num_classes=3)
+    labels = torch.tensor([0, 1, 2, 0])
+    a = ddpm.sample(model, labels, torch.Generator().manual_seed(7), steps=steps, guidance=1.0)
+    b = ddpm.sample(model, labels, torch.Generator().manual_seed(7), steps=steps, guidance=1.0)
+    c = ddpm.sample(model, labels, torch.Generator().manual_seed(8), steps=steps, guidance=1.0)
+    assert a.shape == (4, 1, 16, 16) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Same noise (same seed), other labels -> other images.
+    d = ddpm.sample(model, torch.tensor([1, 2, 0, 1]), torch.Generator().manual_seed(7),
+                    steps=steps, guidance=1.0)
+    assert all(not torch.equal(a[i], d[i]) for i in range(4))
+
+
+def test_sample_rgb_and_uniform_labels():
+    model = tiny_unet(channels=3, size=32)
+    out = DDPM(num_steps=10).sample(model, 3, torch.Generator().manual_seed(0), steps=2)
+    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.uint8
+
+
+def test_bad_sampling_arguments_raise():
+    ddpm, model = DDPM(num_steps=10), tiny_unet()
+    for kwargs, word in [(dict(steps=0), "steps"), (dict(steps=11), "steps"),
+                         (dict(guidance=-1.0), "guidance")]:
+        with pytest.raises(ValueError, match=word):
+            ddpm.sample(model, torch.tensor([0]), torch.Generator(), **kwargs)
+
+
+# ------------------------------------------------------------------------------ EMA
+
+def test_ema_update_and_state_dict():
+    model = tiny_unet()
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for name, p in model.named_parameters():
+        expected = 0.9 * before[name] + 0.1 * p.detach()
+        assert torch.allclose(ema.model.state_dict()[name], expected, atol=1e-6), name
+    assert all(not p.requires_grad for p in ema.model.parameters())
+    restored = EMA(tiny_unet(), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.decay == 0.9
+    for name, v in ema.model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[name], v)
+    with pytest.raises(ValueError, match="decay"):
+        EMA(model, decay=1.5)
+
+
+def test_module_exports_the_contract():
+    assert set(diffusion.MODEL_SIZES) >= {"paper", "small"}
