@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -217,23 +218,20 @@ class FIDInception(nn.Module):
 
 
 def load_inception(weights=None, device="cpu"):
-    """FIDInception in eval mode with pytorch-fid's weights, from `weights` (a file path) or,
-    by default, the torch hub cache (downloaded there from pytorch-fid's release if absent)."""
-    if weights is None:
-        where = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
-        load = lambda: torch.hub.load_state_dict_from_url(
-            FID_WEIGHTS_URL, progress=False, map_location="cpu", weights_only=True)
-        hint = ("offline: run ../shared/tools/get-inception-weights, or pass a file with "
-                "--inception PATH")
-    else:
-        where = weights
-        load = lambda: torch.load(weights, map_location="cpu", weights_only=True)
-        hint = "expected pytorch-fid's pt_inception-2015-12-05 state_dict"
+    """FIDInception in eval mode with pytorch-fid's weights, from the file `weights` or, by
+    default, from the torch hub cache (downloaded there from pytorch-fid's release if absent)."""
+    where = weights or os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
+    hint = ("expected pytorch-fid's Inception state_dict; without internet, fetch it with "
+            "../shared/tools/get-inception-weights or pass --inception PATH")
     if weights is not None and not os.path.isfile(weights):
-        raise WeightsError(f"FID Inception weights not found: {weights} ({hint})")
+        raise WeightsError(f"FID Inception weights not found at {weights} ({hint})")
     try:
-        state = load()
-    except Exception as e:  # torch.load/urlopen raise many types for bad files and no network
+        if weights is None:
+            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=False,
+                                                       map_location="cpu", weights_only=True)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated/foreign files and failed downloads raise many types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"cannot load FID Inception weights {FID_WEIGHTS_FILE} from {where}: "
                            f"{reason} ({hint})") from None
@@ -288,7 +286,8 @@ def inception_features(images, batch_size=50, device=None, weights=None, model=N
     """Pool3 features, float32 np.ndarray [N, 2048], embedding `batch_size` images at a time
     (memory stays bounded: only one batch is ever upsampled to 299x299)."""
     device = device or _default_device()
-    model = model or load_inception(weights, device)
+    if model is None:
+        model = load_inception(weights, device)
     images = as_uint8_images(images)
     n = len(images)
     features = np.empty((n, 2048), dtype=np.float32)
@@ -323,12 +322,15 @@ def feature_statistics(features):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) between N(mu1, S1) and N(mu2, S2)."""
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # With fewer images than dimensions the product is singular and sqrtm can fail; a
-        # tiny ridge on both covariances makes it well defined (the standard fix).
-        offset = eps * np.eye(len(sigma1))
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    with warnings.catch_warnings():
+        # With fewer images than dimensions (2048) the product is always singular and scipy
+        # warns; the result is still accurate unless non-finite, which is checked for.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            # The standard fix: a tiny ridge on both covariances makes the root well defined.
+            offset = eps * np.eye(len(sigma1))
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         # sqrt of a product of PSD matrices has a real spectrum; rounding can leave small
         # imaginary parts, which we drop. Large ones mean the statistics are broken.
