@@ -156,7 +156,10 @@ class UNet(nn.Module):
         for layer in self.mid:
             h = layer(h, emb)
         for layer in self.up:
-            h = layer(torch.cat([h, skips.pop()], 1), emb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
+            else:
+                h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -185,9 +188,11 @@ def count_parameters(model):
 # --------------------------------------------------------------------------------------------
 
 def linear_betas(num_steps):
-    # Ho et al.: beta from 1e-4 to 0.02 over T = 1000; rescaled so other T give the same path.
+    # Ho et al.: beta from 1e-4 to 0.02 over T = 1000. Scaled by 1000/T so that a shorter chain
+    # still ends in (nearly) pure noise; capped below 1 so that every alpha stays positive.
     scale = 1000.0 / num_steps
-    return torch.linspace(1e-4 * scale, 0.02 * scale, num_steps, dtype=torch.float64)
+    betas = torch.linspace(1e-4 * scale, 0.02 * scale, num_steps, dtype=torch.float64)
+    return betas.clamp(max=0.999)
 
 
 def cosine_betas(num_steps, s=0.008):
@@ -230,7 +235,7 @@ class DDPM:
         return self
 
     def _abar(self, t, like):
-        """abar_t gathered for an index tensor t, in like's dtype/device, shaped for broadcasting."""
+        """abar_t for an index tensor t, in like's dtype and device, shaped to broadcast."""
         abar = self.alphas_bar.to(like.device)[t].to(like.dtype)
         return abar.reshape(*t.shape, *([1] * (like.dim() - t.dim())))
 
@@ -248,6 +253,8 @@ class DDPM:
         t [B, K] timestep indices and noise [B, K, *image_shape] for K = num_draws draws."""
         if num_draws < 1:
             raise ValueError(f"num_draws: must be >= 1, got {num_draws}")
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond: must be a probability in [0, 1], got {p_uncond}")
         b = y.shape[0]
         g_dev = generator.device
         drop = torch.rand(b, generator=generator, device=g_dev) < p_uncond
@@ -305,9 +312,10 @@ class DDPM:
     def _ddim(self, model, x, y, guidance, steps):
         """DDIM, Song et al. eq. 12 with eta = 0 (deterministic) on a subsequence of timesteps:
         x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps."""
+        # Evenly spaced timesteps from T-1 down to 0 (Song et al.'s "linear" selection).
         ts = torch.linspace(self.num_steps - 1, 0, steps).round().long().unique_consecutive()
-        abar = self.alphas_bar
-        for i, t in enumerate(ts.tolist()):
+        ts, abar = ts.tolist(), self.alphas_bar
+        for i, t in enumerate(ts):
             eps = self._guided_eps(model, x, t, y, guidance)
             x0 = ((x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()).clamp(-1, 1)
             if i == len(ts) - 1:
@@ -337,6 +345,8 @@ class DDPM:
         if guidance < 0:
             raise ValueError(f"guidance: must be >= 0, got {guidance}")
         if image_shape is None:
+            if not hasattr(model, "image_size"):
+                raise ValueError("image_shape: required when the model is not a UNet")
             image_shape = (model.in_channels, model.image_size, model.image_size)
         params = list(model.parameters()) if isinstance(model, nn.Module) else []
         device = params[0].device if params else labels.device

@@ -100,10 +100,11 @@ def test_class_label_changes_the_output():
 # ------------------------------------------------------------------------------ schedule, noising
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_alpha_bar_strictly_decreasing_in_open_unit_interval(schedule):
-    ddpm = DDPM(1000, schedule)
+@pytest.mark.parametrize("num_steps", [1000, 50, 10])
+def test_alpha_bar_strictly_decreasing_in_open_unit_interval(schedule, num_steps):
+    ddpm = DDPM(num_steps, schedule)
     abar = ddpm.alphas_bar
-    assert abar.dtype == torch.float64 and abar.shape == (1000,)
+    assert abar.dtype == torch.float64 and abar.shape == (num_steps,)
     assert (abar > 0).all() and (abar < 1).all()
     assert (abar[1:] < abar[:-1]).all()
 
@@ -143,6 +144,10 @@ def test_draw_inputs_shapes_and_label_dropout_rate():
     y_in, t, noise = ddpm.draw_inputs(y[:5], 3, (3, 8, 8), g, p_uncond=0.0)
     assert torch.equal(y_in, y[:5]) and t.shape == (5, 3) and noise.shape == (5, 3, 3, 8, 8)
     assert (ddpm.draw_inputs(y[:5], 2, (1, 4, 4), g, p_uncond=1.0)[0] == 10).all()
+    for kwargs, word in [(dict(num_draws=0), "num_draws"), (dict(p_uncond=1.5), "p_uncond")]:
+        with pytest.raises(ValueError, match=word):
+            ddpm.draw_inputs(**{**dict(y=y[:5], num_draws=1, image_shape=(1, 4, 4),
+                                       generator=g), **kwargs})
 
 
 def test_draw_inputs_is_deterministic_for_a_seed():
@@ -166,8 +171,8 @@ def test_timestep_distribution_mean(dist):
 
 
 def test_bad_ddpm_arguments_raise():
-    for kwargs, word in [(dict(schedule="quadratic"), "schedule"),
-                         (dict(timestep_dist="edm"), "timestep_dist"), (dict(num_steps=0), "num_steps")]:
+    for kwargs, word in [(dict(schedule="quadratic"), "schedule"), (dict(num_steps=0), "num_steps"),
+                         (dict(timestep_dist="edm"), "timestep_dist")]:
         with pytest.raises(ValueError, match=word):
             DDPM(**kwargs)
 
@@ -351,6 +356,8 @@ def test_sample_rgb_and_uniform_labels():
 
 def test_bad_sampling_arguments_raise():
     ddpm, model = DDPM(num_steps=10), tiny_unet()
+    with pytest.raises(ValueError, match="image_shape"):
+        ddpm.sample(lambda x, t, y: x, torch.tensor([0]), torch.Generator())
     for kwargs, word in [(dict(steps=0), "steps"), (dict(steps=11), "steps"),
                          (dict(guidance=-1.0), "guidance")]:
         with pytest.raises(ValueError, match=word):
