@@ -1,0 +1,298 @@
+"""Tests for dpsgd.py: per-example gradients, clipping, noise, Poisson sampling, refusals.
+
+Reference values come from independent computations (a one-example-at-a-time autograd loop,
+clipping recomputed by hand), never from dpsgd itself. Statistical tests use fixed seeds and
+tolerances of several standard errors, stated next to each.
+"""
+import math
+
+import pytest
+import scipy.stats
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import diffusion
+import dpsgd
+
+
+class SmallConvNet(nn.Module):
+    """A small classifier with GroupNorm (per-example, so allowed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = F.silu(self.norm(self.conv1(x)))
+        return self.head(F.silu(self.conv2(h)).flatten(1))
+
+
+def classification_loss(model, x, y):
+    return F.cross_entropy(model(x), y, reduction="none")  # [B]
+
+
+def small_batch(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def make_net(seed=0):
+    torch.manual_seed(seed)
+    return SmallConvNet()
+
+
+def loop_grads(model, per_example_loss, *tensors):
+    """Reference: plain autograd on one example at a time -> {name: [B, ...]}."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(tensors[0])):
+        model.zero_grad()
+        per_example_loss(model, *(t[i:i + 1] for t in tensors)).sum().backward()
+        rows.append({n: p.grad.clone() for n, p in model.named_parameters() if n in names})
+    return {n: torch.stack([r[n] for r in rows]) for n in names}
+
+
+def assert_rel_close(got, want, rtol):
+    """Per example and parameter: ||got - want|| <= rtol * ||want|| (floored by the example's
+    whole-gradient norm, so exactly-zero gradients such as unused embedding rows compare too)."""
+    assert got.keys() == want.keys()
+    for i in range(len(next(iter(want.values())))):
+        total = math.sqrt(sum(float(w[i].norm()) ** 2 for w in want.values()))
+        assert total > 0
+        for n in want:
+            err = float((got[n][i] - want[n][i]).norm())
+            assert err <= rtol * max(float(want[n][i].norm()), 1e-3 * total), (n, i, err)
+
+
+def clipped_sum_by_hand(grads, clip_norm):
+    """sum_i min(1, C / (||g_i|| + 1e-6)) g_i, from per-example gradients."""
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+    factors = torch.clamp(clip_norm / (norms + 1e-6), max=1.0)
+    return {n: torch.einsum("b,b...->...", factors, g) for n, g in grads.items()}, norms
+
+
+def grads_after_step(model, *step_args, **step_kwargs):
+    """Run dp_step with an SGD(lr=0) optimizer, so parameters stay and .grad holds the result."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = dpsgd.dp_step(model, optimizer, *step_args, **step_kwargs)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, stats
+
+
+# ---------------------------------------------------------------- per-example gradients
+
+def test_per_sample_grads_match_loop_on_groupnorm_convnet():
+    model, (x, y) = make_net(), small_batch()
+    got = dpsgd.per_sample_grads(model, classification_loss, x, y, chunk_size=2)
+    want = loop_grads(model, classification_loss, x, y)
+    assert all(got[n].shape == (5, *p.shape) for n, p in model.named_parameters())
+    assert_rel_close(got, want, rtol=1e-5)
+
+
+def test_per_sample_grads_match_loop_on_project_unet():
+    torch.manual_seed(0)
+    model = diffusion.make_unet("small", 1, 28, 10)
+    # The output layer is zero-initialised, which would make every other gradient zero and
+    # the comparison empty; give it weights.
+    nn.init.normal_(model.conv_out.weight, std=0.05)
+    ddpm = diffusion.DDPM()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(3, 1, 28, 28, generator=g) * 2 - 1
+    y_in, t, noise = ddpm.draw_inputs(torch.tensor([1, 4, 7]), 2, (1, 28, 28), g)
+    got = dpsgd.per_sample_grads(model, ddpm.loss, x0, y_in, t, noise, chunk_size=2)
+    want = loop_grads(model, ddpm.loss, x0, y_in, t, noise)
+    assert_rel_close(got, want, rtol=1e-5)
+
+
+def test_noise_multiplicity_gives_one_gradient_per_example_clipped_once():
+    """DPDM: K draws averaged inside the per-example loss -> one gradient per example, equal to
+    the mean of the K single-draw gradients, and clipped once (not K times)."""
+    model, (x, y) = make_net(), small_batch(4)
+    k = 3
+    noise = torch.randn(4, k, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def k_draw_loss(m, x, y, noise):  # [B]; the K draws go through the model as one batch
+        b = x.shape[0]
+        logits = m((x.unsqueeze(1) + noise).reshape(b * k, 1, 8, 8))
+        return F.cross_entropy(logits, y.repeat_interleave(k), reduction="none").reshape(b, k).mean(1)
+
+    got = dpsgd.per_sample_grads(model, k_draw_loss, x, y, noise)
+    assert all(g.shape[0] == 4 for g in got.values())  # one gradient per example, not per draw
+    per_draw = [loop_grads(model, classification_loss, x + noise[:, j], y) for j in range(k)]
+    mean_of_draws = {n: sum(d[n] for d in per_draw) / k for n in got}
+    assert_rel_close(got, mean_of_draws, rtol=1e-5)
+
+    clip = 0.5 * float(torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in got.values())).min())
+    step_grads, _ = grads_after_step(model, k_draw_loss, (x, y, noise), clip, 0.0, 1.0,
+                                     torch.Generator().manual_seed(0), chunk_size=3)
+    clipped_once, _ = clipped_sum_by_hand(mean_of_draws, clip)
+    per_draw_clipped = [clipped_sum_by_hand(d, clip)[0] for d in per_draw]
+    clipped_per_draw = {n: sum(c[n] for c in per_draw_clipped) / k for n in got}
+    for n in got:
+        torch.testing.assert_close(step_grads[n], clipped_once[n], rtol=1e-5, atol=1e-7)
+    # The alternative (clip each draw, then average) is measurably different, so the check above
+    # can tell them apart.
+    diff = sum(float((clipped_once[n] - clipped_per_draw[n]).norm()) for n in got)
+    assert diff > 1e-3
+
+
+# ---------------------------------------------------------------- clipping and summation
+
+def test_chunk_size_does_not_change_clipped_sum():
+    model, (x, y) = make_net(), small_batch(7)
+    results = [grads_after_step(model, classification_loss, (x, y), 0.1, 0.0, 1.0,
+                                torch.Generator().manual_seed(0), chunk_size=c)[0]
+               for c in (1, 3, None)]
+    for other in results[1:]:
+        for n in results[0]:
+            torch.testing.assert_close(other[n], results[0][n], rtol=1e-5, atol=1e-7)
+
+
+def test_clipped_sum_matches_hand_computation_and_norms_are_at_most_c():
+    model, (x, y) = make_net(), small_batch(6)
+    raw = loop_grads(model, classification_loss, x, y)
+    _, raw_norms = clipped_sum_by_hand(raw, 1.0)
+    ordered = raw_norms.sort().values
+    clip = float(ordered[2] + ordered[3]) / 2  # three examples clipped, three not
+    want, _ = clipped_sum_by_hand(raw, clip)
+    got, stats = grads_after_step(model, classification_loss, (x, y), clip, 0.0, 1.0,
+                                  torch.Generator().manual_seed(0), chunk_size=4)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+    assert stats["clipped_fraction"] == pytest.approx(float((raw_norms > clip).float().mean()))
+    # Each example alone: its contribution has norm min(||g_i||, C), along g_i.
+    for i in range(6):
+        one, _ = grads_after_step(model, classification_loss, (x[i:i + 1], y[i:i + 1]), clip,
+                                  0.0, 1.0, torch.Generator().manual_seed(0))
+        norm = math.sqrt(sum(float(g.norm()) ** 2 for g in one.values()))
+        assert norm <= clip * (1 + 1e-5)
+        assert norm == pytest.approx(min(float(raw_norms[i]), clip), rel=1e-4)
+
+
+def test_step_divides_by_expected_batch_size_not_realised_size():
+    model, (x, y) = make_net(), small_batch(3)
+    raw = loop_grads(model, classification_loss, x, y)
+    got, stats = grads_after_step(model, classification_loss, (x, y), 1e6, 0.0, 10.0,
+                                  torch.Generator().manual_seed(0))
+    assert stats["batch_size"] == 3
+    for n in raw:  # C huge: nothing clipped; the sum of 3 gradients divided by qN = 10, not 3
+        torch.testing.assert_close(got[n], raw[n].sum(0) / 10.0, rtol=1e-5, atol=1e-8)
+
+
+def test_autocast_path_keeps_clipping_exact_and_is_close_to_float32():
+    model, (x, y) = make_net(), small_batch(4)
+    step = lambda tensors, ac: grads_after_step(model, classification_loss, tensors, 0.05, 0.0,
+                                                1.0, torch.Generator().manual_seed(0),
+                                                chunk_size=2, autocast=ac)[0]
+    exact, bf16 = step((x, y), False), step((x, y), True)
+    assert all(g.dtype == torch.float32 for g in bf16.values())
+    flat = lambda g: torch.cat([v.flatten() for v in g.values()])
+    # bfloat16 has an 8-bit mantissa (relative rounding ~4e-3 per op): a looser tolerance here.
+    assert float((flat(bf16) - flat(exact)).norm()) <= 0.05 * float(flat(exact).norm())
+    for i in range(4):  # norms and clipping are float32: the bound C holds as tightly as before
+        assert float(flat(step((x[i:i + 1], y[i:i + 1]), True)).norm()) <= 0.05 * (1 + 1e-5)
+
+
+# ---------------------------------------------------------------- noise
+
+def test_noise_has_std_sigma_c_over_expected_size_and_is_seeded():
+    """Empty batch: the gradient is pure noise N(0, (sigma C / qN)^2) in every coordinate.
+    With P = 20,100 coordinates the sample std has relative standard error 1/sqrt(2P) = 0.5 %;
+    we allow 3 % (6 SE). The mean's standard error is std/sqrt(P); we allow 5 SE."""
+    torch.manual_seed(0)
+    model = nn.Linear(200, 100)
+    sigma, clip, expected = 2.0, 0.5, 4.0
+    empty = (torch.zeros(0, 200), torch.zeros(0, 100))
+    mse = lambda m, x, t: ((m(x) - t) ** 2).mean(1)
+    noise, stats = grads_after_step(model, mse, empty, clip, sigma, expected,
+                                    torch.Generator().manual_seed(5))
+    values = torch.cat([g.flatten() for g in noise.values()])
+    want_std = sigma * clip / expected
+    assert stats["batch_size"] == 0 and math.isnan(stats["loss"])
+    assert float(values.std()) == pytest.approx(want_std, rel=0.03)
+    assert abs(float(values.mean())) <= 5 * want_std / math.sqrt(values.numel())
+    assert scipy.stats.kstest(values.numpy() / want_std, "norm").pvalue > 1e-3
+    again, _ = grads_after_step(model, mse, empty, clip, sigma, expected,
+                                torch.Generator().manual_seed(5))
+    other, _ = grads_after_step(model, mse, empty, clip, sigma, expected,
+                                torch.Generator().manual_seed(6))
+    assert all(torch.equal(again[n], noise[n]) for n in noise)
+    assert not any(torch.equal(other[n], noise[n]) for n in noise)
+
+
+def test_empty_batch_takes_a_noise_only_step():
+    model = make_net()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = small_batch(0)
+    stats = dpsgd.dp_step(model, optimizer, classification_loss, (x, y), 1.0, 1.0, 8.0,
+                          torch.Generator().manual_seed(0), chunk_size=4)
+    assert stats["batch_size"] == 0 and stats["clipped_fraction"] == 0.0
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+# ---------------------------------------------------------------- Poisson sampling
+
+def test_poisson_inclusion_frequencies_match_q():
+    n, q, steps = 5000, 0.05, 400
+    batches = list(dpsgd.poisson_batches(n, q, steps, torch.Generator().manual_seed(0)))
+    assert len(batches) == steps
+    assert all(b.dtype == torch.int64 and len(b.unique()) == len(b) for b in batches)
+    counts = torch.bincount(torch.cat(batches), minlength=n).double()
+    # Overall rate: standard error sqrt(q(1-q)/(n*steps)) = 1.5e-4; allow 5 SE (a 2 % bias in q
+    # is 6.5 SE).
+    assert float(counts.sum()) / (n * steps) == pytest.approx(q, abs=5 * math.sqrt(q * (1 - q) / (n * steps)))
+    # Each example independently: counts ~ Binomial(steps, q); the dispersion ratio has
+    # standard error ~sqrt(2/n) = 0.02; allow 0.9..1.1.
+    assert 0.9 <= float(counts.var()) / (steps * q * (1 - q)) <= 1.1
+    # Batch sizes vary like Binomial(n, q) (a shuffled fixed-size sampler would have variance 0);
+    # the variance ratio over 400 steps has standard error ~0.07; allow 0.7..1.3.
+    sizes = torch.tensor([len(b) for b in batches]).double()
+    assert 0.7 <= float(sizes.var()) / (n * q * (1 - q)) <= 1.3
+    # Same seed, same batches.
+    again = dpsgd.poisson_batches(n, q, 3, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(again, batches))
+
+
+def test_poisson_batches_can_be_empty():
+    # P(empty) = (1 - 0.2)^3 = 0.512; over 2000 steps its standard error is 0.011; allow 0.05.
+    sizes = [len(b) for b in dpsgd.poisson_batches(3, 0.2, 2000, torch.Generator().manual_seed(1))]
+    assert sum(s == 0 for s in sizes) / 2000 == pytest.approx(0.512, abs=0.05)
+
+
+@pytest.mark.parametrize("n, q", [(0, 0.1), (10, 0.0), (10, 1.5)])
+def test_poisson_bad_arguments(n, q):
+    with pytest.raises(ValueError):
+        next(dpsgd.poisson_batches(n, q, 1, torch.Generator()))
+
+
+# ---------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm2d(8), nn.SyncBatchNorm(8),
+                                   nn.InstanceNorm2d(8, track_running_stats=True)])
+def test_layers_that_mix_examples_are_refused(layer):
+    model = make_net()
+    model.norm = layer
+    x, y = small_batch(2)
+    for call in (lambda: dpsgd.per_sample_grads(model, classification_loss, x, y),
+                 lambda: dpsgd.dp_step(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                       classification_loss, (x, y), 1.0, 1.0, 2.0,
+                                       torch.Generator())):
+        with pytest.raises(ValueError, match="model: layer 'norm'") as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_per_example_layers_are_accepted_and_frozen_parameters_untouched():
+    model = make_net()
+    model.norm = nn.InstanceNorm2d(8)  # no running statistics: per example
+    model.conv1.requires_grad_(False)
+    x, y = small_batch(3)
+    grads = dpsgd.per_sample_grads(model, classification_loss, x, y)
+    assert "conv1.weight" not in grads and "head.weight" in grads
+    got, _ = grads_after_step(model, classification_loss, (x, y), 1.0, 1.0, 3.0,
+                              torch.Generator().manual_seed(0))
+    assert model.conv1.weight.grad is None
