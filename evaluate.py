@@ -355,7 +355,8 @@ def fid(images_a, images_b, batch_size=50, device=None, weights=None, progress=_
 def reference_stats(dataset, images, cache_dir, data_dir=None, batch_size=50, device=None,
                     weights=None, model=None, progress=_stderr):
     """(mu, sigma) of the first `images` training images of `dataset` (None: all), cached in
-    cache_dir/fid_stats_<dataset>_train_<count>.npz so the real side is embedded only once."""
+    cache_dir/fid_stats_<dataset>_train_<count>.npz so the real side is embedded only once.
+    The cache assumes the standard weights: use another cache_dir for any other file."""
     train_images, _ = data.load(dataset, "train", data_dir)
     count = len(train_images) if images is None else images
     if not 2 <= count <= len(train_images):
@@ -440,6 +441,7 @@ def classifier_accuracy(train_images, train_labels, test_images, test_labels, nu
     for epoch in range(1, epochs + 1):
         model.train()
         shuffled = fit_idx[torch.randperm(len(fit_idx), generator=generator)]
+        total_loss = 0.0
         for i in range(0, len(shuffled), batch_size):
             idx = shuffled[i:i + batch_size]
             x = train_images[idx].to(device).float() / 255.0
@@ -447,10 +449,11 @@ def classifier_accuracy(train_images, train_labels, test_images, test_labels, nu
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            total_loss += loss.item() * len(idx)
         val_acc = _accuracy(model, train_images[val_idx], train_labels[val_idx], device)
         if progress:
-            progress(f"classifier epoch {epoch}/{epochs}: loss {loss.item():.4f}, "
-                     f"held-out synthetic accuracy {val_acc:.4f}")
+            progress(f"classifier epoch {epoch}/{epochs}: mean loss "
+                     f"{total_loss / len(shuffled):.4f}, held-out synthetic accuracy {val_acc:.4f}")
         if val_acc > best[0]:  # strict: ties keep the earlier epoch
             best = (val_acc, epoch, {k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(best[2])
