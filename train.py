@@ -1,0 +1,473 @@
+"""DP-FETA end to end: central images -> warm-up -> DP-SGD -> synthesis -> evaluation.
+
+    python train.py --dataset mnist --eps 1
+
+DP-FETA (Li, Gong, Li et al., "From Easy to Hard: Building a Shortcut for Differentially Private
+Image Synthesis", S&P 2025) trains one diffusion model in two stages:
+  1. easy: release a few noisy per-class means of Poisson samples of the sensitive set (central
+     images, central.py) and warm the model up on augmentations of them (post-processing);
+  2. hard: train the same model on the sensitive images with DP-SGD (dpsgd.py).
+One RDP accountant (accountant.py) composes both mechanisms; the DP-SGD noise is calibrated so
+the composition meets the requested (eps, delta). `--no-central` drops stage 1 (the DPDM
+baseline). Every stage writes an atomic checkpoint, so `--resume RUN_DIR` continues a run,
+privacy ledger included, and ends exactly where an uninterrupted run would.
+"""
+import argparse
+import json
+import math
+import os
+import secrets
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+
+import accountant
+import central
+import data
+import diffusion
+import dpsgd
+import evaluate
+
+FID_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dp-feta")  # real-side statistics
+
+# Settings per preset. "cpu" finishes in about half an hour on a 2-core laptop CPU; "paper" is
+# the paper's protocol (../shared/PAPER.md); "tiny" exercises every stage in a minute (tests).
+PRESETS = {
+    "paper": dict(model="paper", central_q=0.1, central_sigma=5.0, central_queries=5,
+                  warmup_steps=2000, warmup_batch=64, batch=4096, epochs=150, noise_draws=32,
+                  chunk=256, lr=3e-4, clip=1.0, ema=0.999, sample_steps=None, guidance=0.0,
+                  n_samples=60000, fid_n=60000, train_subset=None),
+    "cpu": dict(model="small", central_q=0.1, central_sigma=5.0, central_queries=5,
+                warmup_steps=1500, warmup_batch=64, batch=1024, epochs=2, noise_draws=4,
+                chunk=64, lr=1e-3, clip=1.0, ema=0.99, sample_steps=50, guidance=0.0,
+                n_samples=3000, fid_n=1000, train_subset=None),
+    "tiny": dict(model="small", central_q=0.1, central_sigma=5.0, central_queries=2,
+                 warmup_steps=20, warmup_batch=16, batch=100, epochs=2, noise_draws=1,
+                 chunk=32, lr=1e-3, clip=1.0, ema=0.9, sample_steps=5, guidance=0.0,
+                 n_samples=100, fid_n=50, train_subset=2000),
+}
+
+HELP = dict(
+    model="UNet size: 'small' (CPU) or 'paper' (1.5M parameters)",
+    central_q="Poisson sampling rate of each central-image query",
+    central_sigma="noise multiplier sigma_c of the central-image queries",
+    central_queries="number T of central-image queries (T*K images)",
+    warmup_steps="optimizer steps of the warm-up on augmented central images",
+    warmup_batch="batch size of the warm-up",
+    batch="expected (Poisson) batch size of DP-SGD; q = batch / N",
+    epochs="DP-SGD epochs; steps = epochs * N / batch",
+    noise_draws="diffusion noise draws per example, averaged before clipping (multiplicity K)",
+    chunk="physical chunk of examples per per-sample-gradient pass (memory, not privacy)",
+    lr="Adam learning rate (both stages)",
+    clip="per-example gradient clipping norm C",
+    ema="EMA decay of the weights",
+    sample_steps="DDIM sampling steps (omit for full ancestral DDPM)",
+    guidance="classifier-free guidance weight w (0 = plain conditional model)",
+    n_samples="synthetic images to generate (uniformly random labels)",
+    fid_n="images per side for FID (generated and real training); 0 skips FID",
+    train_subset="use only the first N training images (the sensitive set; tests)",
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="mnist", help="mnist, fashionmnist or cifar10")
+    p.add_argument("--eps", type=float, default=1.0, help="total privacy budget epsilon")
+    p.add_argument("--delta", type=float, default=1e-5, help="privacy parameter delta (< 1/N)")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="settings bundle (default: paper on a GPU, cpu otherwise)")
+    p.add_argument("--no-central", action="store_true",
+                   help="skip the easy stage: plain DP-SGD (the DPDM baseline)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the dataset files (default ./data/<dataset>, downloaded)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-eps<eps>)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a stopped run")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="fix all randomness, DP noise included (testing only: a known seed "
+                        "lets anyone remove the noise); default: a secret seed")
+    p.add_argument("--inception", default=None, help="local FID Inception weights file")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0,
+                   help="also checkpoint this often during training")
+    for name, value in PRESETS["cpu"].items():
+        kind = type(value) if value is not None else int
+        if name == "model":
+            kind = str
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=HELP[name])
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    preset = PRESETS[args.preset or ("paper" if args.device.startswith("cuda") else "cpu")]
+    for name, value in preset.items():  # a flag overrides its preset value
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def check_args(args):
+    """One-line ValueErrors for arguments that cannot work."""
+    if not (args.eps > 0 and math.isfinite(args.eps)):
+        raise ValueError(f"--eps must be a positive number, got {args.eps}")
+    if not 0 < args.delta < 1:
+        raise ValueError(f"--delta must lie in (0, 1), got {args.delta}")
+    if args.dataset not in data.INFO:
+        raise ValueError(f"--dataset: unknown '{args.dataset}', choose one of "
+                         f"{', '.join(data.INFO)}")
+    if args.model not in diffusion.MODEL_SIZES:
+        raise ValueError(f"--model: unknown '{args.model}', choose one of "
+                         f"{', '.join(diffusion.MODEL_SIZES)}")
+    for name in ("warmup_steps", "warmup_batch", "batch", "epochs", "noise_draws", "chunk",
+                 "n_samples", "central_queries"):
+        if getattr(args, name) < (0 if name in ("warmup_steps", "epochs") else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+
+
+def privacy_plan(args, n):
+    """The mechanisms of the run and the DP-SGD noise that makes them meet (eps, delta)."""
+    history = [] if args.no_central else [(args.central_q, args.central_sigma,
+                                           args.central_queries)]
+    q = args.batch / n
+    if q > 1:
+        raise ValueError(f"--batch {args.batch} is larger than the {n} training images")
+    steps = max(1, round(args.epochs * n / args.batch))
+    sigma = accountant.calibrate_sigma(args.eps, args.delta, q, steps, history=history)
+    eps, order = accountant.epsilon(history + [(q, sigma, steps)], args.delta)
+    return dict(n=n, delta=args.delta, target_eps=args.eps, central=history[0] if history
+                else None, dpsgd=dict(q=q, sigma=sigma, steps=steps), eps=eps, order=order)
+
+
+def print_plan(plan):
+    print(f"privacy plan for {plan['n']} sensitive images, delta={plan['delta']:g}:")
+    if plan["central"]:
+        q, s, t = plan["central"]
+        print(f"  central images: {t} Poisson-subsampled Gaussian queries, q={q:g}, "
+              f"sigma_c={s:g}")
+    d = plan["dpsgd"]
+    print(f"  DP-SGD: {d['steps']} steps, q={d['q']:.5g}, noise multiplier sigma={d['sigma']:.4g}")
+    print(f"  composed: eps={plan['eps']:.4f} <= {plan['target_eps']:g} "
+          f"(best RDP order {plan['order']:g})")
+
+
+class StopRequested(Exception):
+    """Ctrl-C arrived; the run was checkpointed at a step boundary."""
+
+
+def atomic_write(path, write):
+    """Write a file via a temporary file and a rename: a crash never leaves half a file."""
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+class Pipeline:
+    """One run: its state (model, EMA, optimizer, RNG, privacy ledger) and its stages.
+
+    The stages run in the order of STAGES; after each one, and every few minutes inside the
+    training loops, the whole state goes into `checkpoint.pt`, so a resumed run continues with
+    exactly the same random numbers and the same privacy ledger.
+    """
+    STAGES = ["central", "warmup", "dpsgd", "sample", "evaluate", "done"]
+
+    def __init__(self, args, checkpoint=None):
+        self.args, self.folder = args, args.out
+        info = data.INFO[args.dataset]
+        self.channels, self.size, self.classes = info["channels"], info["size"], info["classes"]
+        self.device = torch.device(args.device)
+        self.model = diffusion.make_unet(args.model, self.channels, self.size,
+                                         self.classes).to(self.device)
+        self.ddpm = diffusion.DDPM(num_classes=self.classes).to(self.device)
+        self.ema = diffusion.EMA(self.model, args.ema)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        self.generator = torch.Generator(self.device)
+        if checkpoint is None:
+            # The seed must stay secret: whoever knows it can recompute the DP noise and the
+            # Poisson samples, and the guarantee is gone. It is kept in the checkpoint only.
+            self.seed = args.seed if args.seed is not None else secrets.randbits(62)
+            self.generator.manual_seed(self.seed)
+            self.stage, self.step, self.plan = "central", 0, None
+            self.ledger = accountant.PrivacyLedger(args.delta)
+            self.central = None
+            self.timings, self.metrics = {}, {}
+        else:
+            self.load(checkpoint)
+
+    # ----------------------------------------------------------------- checkpoints, files
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+    def save(self):
+        state = dict(args=vars(self.args), seed=self.seed, stage=self.stage, step=self.step,
+                     plan=self.plan, ledger=self.ledger.to_dict(), central=self.central,
+                     model=self.model.state_dict(), ema=self.ema.state_dict(),
+                     optimizer=self.optimizer.state_dict(),
+                     generator=self.generator.get_state(), timings=self.timings,
+                     metrics=self.metrics)
+        atomic_write(self.path("checkpoint.pt"), lambda p: torch.save(state, p))
+
+    def load(self, state):
+        self.seed, self.stage, self.step, self.plan = (state["seed"], state["stage"],
+                                                        state["step"], state["plan"])
+        self.ledger = accountant.PrivacyLedger.from_dict(state["ledger"])
+        self.central = state["central"]
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.timings, self.metrics = state["timings"], state["metrics"]
+
+    def write_report(self):
+        eps, order = self.ledger.epsilon() if self.ledger.history else (0.0, None)
+        args = {k: v for k, v in vars(self.args).items() if k != "seed"}
+        report = dict(args=args, seed="fixed by --seed" if self.args.seed is not None
+                      else "secret", stage=self.stage, privacy_plan=self.plan,
+                      privacy_ledger=self.ledger.to_dict(),
+                      privacy_spent=dict(eps=eps, delta=self.args.delta, order=order),
+                      metrics=self.metrics, timings_s=self.timings)
+        atomic_write(self.path("report.json"),
+                     lambda p: open(p, "w").write(json.dumps(report, indent=2) + "\n"))
+
+    # ----------------------------------------------------------------------- the stages
+    def run(self, images, labels, stop):
+        """Run the remaining stages on the sensitive set (uint8 images, labels)."""
+        while self.stage != "done":
+            started = time.time()
+            try:
+                getattr(self, "stage_" + self.stage)(images, labels, stop)
+            finally:
+                self.timings[self.stage] = self.timings.get(self.stage, 0.0) + \
+                    time.time() - started
+            self.stage, self.step = self.STAGES[self.STAGES.index(self.stage) + 1], 0
+            self.save()
+            self.write_report()
+
+    def stage_central(self, images, labels, stop):
+        """Easy stage, release: noisy per-class means of Poisson samples (central.py)."""
+        if self.args.no_central:
+            return
+        a = self.args
+        central_images, central_labels, mechanism = central.central_images(
+            images, labels, self.classes, q=a.central_q, sigma=a.central_sigma,
+            queries=a.central_queries, generator=self.generator)
+        self.ledger.add("central images", *mechanism)
+        self.central = (central_images.cpu(), central_labels.cpu())
+        order = central_labels.argsort(stable=True)  # one row per class
+        data.save_grid(central_images[order], self.path("central_images.png"),
+                       nrow=a.central_queries)
+        print(f"[central] {len(central_images)} central images -> "
+              f"{self.path('central_images.png')}; eps so far {self.ledger.epsilon()[0]:.3f}")
+
+    def stage_warmup(self, images, labels, stop):
+        """Easy stage, learning: train on augmented central images (post-processing)."""
+        if self.args.no_central or self.args.warmup_steps == 0:
+            return
+        a = self.args
+        pool_images, pool_labels = (t.to(self.device) for t in self.central)
+
+        def warmup_step():
+            pick = torch.randint(len(pool_images), (a.warmup_batch,), device=self.device,
+                                 generator=self.generator)
+            x0 = central.augment(pool_images[pick], self.generator,
+                                 max_magnitude=3 if self.channels == 1 else 9) * 2 - 1
+            y_in, t, noise = self.ddpm.draw_inputs(pool_labels[pick], 1, x0.shape[1:],
+                                                   self.generator)
+            loss = self.ddpm.loss(self.model, x0, y_in, t, noise).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.ema.update(self.model)
+            return f"loss {loss.item():.4f}"
+
+        self.train_loop("warmup", a.warmup_steps, warmup_step, stop)
+        # DP-SGD starts from the warmed-up (raw) weights with a fresh optimizer and EMA.
+        self.save_sample_grid("warmup_samples.png", self.model)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=a.lr)
+        self.ema = diffusion.EMA(self.model, a.ema)
+
+    def stage_dpsgd(self, images, labels, stop):
+        """Hard stage: DP-SGD on the sensitive images (dpsgd.py), one ledger entry a step."""
+        a, plan = self.args, self.plan["dpsgd"]
+        x_all = images.to(self.device).float().div_(255).mul_(2).sub_(1)
+        y_all = labels.to(self.device)
+        n, q, sigma, steps = len(x_all), plan["q"], plan["sigma"], plan["steps"]
+        batches = dpsgd.poisson_batches(n, q, steps - self.step, self.generator)
+
+        def dp_step():
+            idx = next(batches)
+            x0 = x_all[idx]
+            y_in, t, noise = self.ddpm.draw_inputs(y_all[idx], a.noise_draws, x0.shape[1:],
+                                                   self.generator)
+            stats = dpsgd.dp_step(self.model, self.optimizer, self.ddpm.loss,
+                                  (x0, y_in, t, noise), clip_norm=a.clip, sigma=sigma,
+                                  expected_batch_size=q * n, noise_generator=self.generator,
+                                  chunk_size=a.chunk)
+            self.ledger.add("DP-SGD", q, sigma, 1)
+            self.ema.update(self.model)
+            return stats
+
+        def describe(stats):
+            eps = self.ledger.epsilon()[0]
+            return (f"loss {stats['loss']:.4f} batch {stats['batch_size']} "
+                    f"| eps spent {eps:.3f}/{a.eps:g}")
+
+        self.train_loop("dpsgd", steps, dp_step, stop, describe)
+
+    def stage_sample(self, images, labels, stop):
+        """Synthesis: n images with uniformly random labels from the EMA model."""
+        a = self.args
+        started = time.time()
+        sample_labels = torch.randint(self.classes, (a.n_samples,), device=self.device,
+                                      generator=self.generator)
+        synthetic = self.sample(self.ema.model, sample_labels)
+        print(f"[sample] {a.n_samples} images in {time.time() - started:.0f} s")
+        array = synthetic.permute(0, 2, 3, 1).cpu().numpy()
+        if self.channels == 1:
+            array = array[..., 0]
+        atomic_write(self.path("samples.npz"), lambda p: np.savez_compressed(
+            open(p, "wb"), images=array, labels=sample_labels.cpu().numpy()))
+        self.save_sample_grid("samples.png", self.ema.model)
+
+    def stage_evaluate(self, images, labels, stop):
+        """Accuracy of a classifier trained on the samples, and FID against the training set.
+
+        These metrics read the real data outside the DP guarantee, as in the paper: they
+        measure the release, they are not part of it."""
+        a = self.args
+        with np.load(self.path("samples.npz")) as samples:
+            synthetic, synthetic_labels = samples["images"], samples["labels"]
+        test_images, test_labels = data.load(a.dataset, "test", a.data_dir)
+        result = evaluate.classifier_accuracy(synthetic, synthetic_labels, test_images,
+                                              test_labels, self.classes, seed=0,
+                                              device=self.device)
+        self.metrics["accuracy"] = result
+        print(f"[evaluate] accuracy on the real test set: {result['test_accuracy']:.4f} "
+              f"(classifier trained on {result['n_train']} synthetic images)")
+        if a.fid_n:
+            n_fake, n_real = min(a.fid_n, len(synthetic)), min(a.fid_n, len(images))
+            inception = evaluate.load_inception(a.inception, self.device)
+            fake = evaluate.feature_statistics(evaluate.inception_features(
+                synthetic[:n_fake], device=self.device, model=inception))
+            real = evaluate.reference_stats(a.dataset, n_real, FID_CACHE, a.data_dir,
+                                            device=self.device, model=inception)
+            value = evaluate.frechet_distance(*fake, *real)
+            self.metrics["fid"] = dict(value=value, n_generated=n_fake, n_real=n_real,
+                                       real="first images of the training set")
+            print(f"[evaluate] FID {value:.2f} ({n_fake} generated vs {n_real} training images)")
+
+    # -------------------------------------------------------------------------- helpers
+    def sample(self, model, sample_labels):
+        return self.ddpm.sample(model, sample_labels, self.generator,
+                                steps=self.args.sample_steps, guidance=self.args.guidance)
+
+    def save_sample_grid(self, name, model):
+        grid_labels = torch.arange(self.classes, device=self.device).repeat_interleave(10)
+        data.save_grid(self.sample(model, grid_labels), self.path(name), nrow=10)
+
+    def train_loop(self, stage, total, step_fn, stop, describe=lambda s: s):
+        """Steps self.step..total-1 with progress lines, checkpoints and Ctrl-C handling."""
+        first, started, last_print, last_save = self.step, time.time(), 0.0, time.time()
+        while self.step < total:
+            stats = step_fn()
+            self.step += 1
+            now = time.time()
+            if now - last_print > 10 or self.step in (first + 1, total):
+                rate = (self.step - first) / (now - started)
+                print(f"[{stage}] step {self.step}/{total} {describe(stats)} | "
+                      f"{rate:.2f} steps/s | ETA {(total - self.step) / rate / 60:.1f} min",
+                      flush=True)
+                last_print = now
+            if stop["requested"] or now - last_save > 60 * self.args.checkpoint_minutes:
+                self.save()
+                last_save = now
+                if stop["requested"]:
+                    raise StopRequested()
+
+
+def install_ctrl_c():
+    """The first Ctrl-C asks the training loops to checkpoint and stop at a step boundary."""
+    stop = {"requested": False}
+
+    def handler(signum, frame):
+        if stop["requested"]:  # a second Ctrl-C aborts at once
+            signal.default_int_handler(signum, frame)
+        stop["requested"] = True
+        print("\nCtrl-C: checkpointing at the end of this step (Ctrl-C again to abort)")
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def open_run(args):
+    """The checkpoint of the run to resume (None for a new run); creates a new run folder."""
+    if args.resume:
+        path = os.path.join(args.resume, "checkpoint.pt")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise ValueError(f"--resume: no checkpoint.pt in {args.resume}") from None
+        except Exception as e:  # a truncated or foreign file
+            raise ValueError(f"--resume: cannot read {path} ({type(e).__name__})") from None
+        saved = state["args"]
+        for key in ("dataset", "eps", "delta", "no_central"):
+            if saved[key] != getattr(args, key):
+                raise ValueError(f"--resume: {args.resume} is a run with {key}={saved[key]}, "
+                                 f"not {getattr(args, key)}; resume it with the same settings")
+        folder, device = args.resume, args.device
+        args.__dict__.update(saved)  # the run continues with its own settings
+        args.out, args.resume, args.device = folder, folder, device
+        return state
+    args.out = args.out or os.path.join(
+        "runs", f"{args.dataset}-eps{args.eps:g}" + ("-nocentral" if args.no_central else ""))
+    if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+        raise ValueError(f"--out: {args.out} already holds a run; continue it with "
+                         f"--resume {args.out} or choose another --out")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        atomic_write(os.path.join(args.out, ".writable"), lambda p: open(p, "w").close())
+        os.remove(os.path.join(args.out, ".writable"))
+    except OSError as e:
+        raise ValueError(f"--out: cannot write to {args.out} ({e.strerror})") from None
+    return None
+
+
+def run(args):
+    check_args(args)
+    images, labels = data.load(args.dataset, "train", args.data_dir)
+    if args.train_subset:
+        images, labels = images[:args.train_subset], labels[:args.train_subset]
+    plan = privacy_plan(args, len(images))  # fails early if the budget cannot be met
+    state = open_run(args)
+    if args.delta >= 1 / len(images):
+        print(f"warning: delta={args.delta:g} is not below 1/N = {1 / len(images):.2g}: "
+              f"a mechanism that publishes one random record would meet it")
+    torch.manual_seed(0)  # only the models' initial weights; all else uses the run's generator
+    pipeline = Pipeline(args, state)
+    if state is None:
+        pipeline.plan = plan
+        pipeline.save()
+    print_plan(pipeline.plan)
+    print(f"run folder: {args.out} (stage {pipeline.stage}, step {pipeline.step})")
+    pipeline.write_report()
+    pipeline.run(images, labels, install_ctrl_c())
+    eps, order = pipeline.ledger.epsilon() if pipeline.ledger.history else (0.0, None)
+    print(f"done: ({eps:.4f}, {args.delta:g})-DP; report in {pipeline.path('report.json')}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, data.DataError, evaluate.WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StopRequested:
+        print(f"stopped; continue with: python train.py --resume {args.out} "
+              f"--dataset {args.dataset} --eps {args.eps:g}")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
