@@ -11,7 +11,7 @@ two refinements the hard stage of DP-FETA (PAPER.md section 3) relies on:
   clipped once, so the K draws reduce gradient variance at the privacy cost of one.
 
 One logical step (`dp_step`):
-    g_i   = grad of loss_i                      per example, via torch.func.vmap(grad(...))
+    g_i   = grad of loss_i                      per example, via torch.func (vmap of vjp)
     g_i  <- g_i * min(1, C / (||g_i|| + 1e-6))   flat L2 norm over all trainable parameters
     g     = (sum_i g_i + N(0, (sigma C)^2 I)) / (q N)
 and `g` is handed to any torch optimizer as `.grad`.
@@ -21,7 +21,7 @@ memory depends on the chunk size, never on the logical batch size.
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vjp, vmap
 
 
 def poisson_batches(n, q, steps, generator):
@@ -58,23 +58,37 @@ def _trainable_params(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _per_example_grad_fn(model, per_example_loss, num_tensors):
+def _per_example_grad_fn(model, per_example_loss, num_tensors, autocast=False):
     """Return f(params, *chunk_tensors) -> (grads dict of [b, ...], losses [b]).
 
     Inside vmap each example is seen alone, re-given a batch dim of 1, so the caller's loss is
     written once for ordinary batches. Buffers and frozen parameters are read from `model`.
+    autocast: the forward pass only runs under bfloat16 autocast (as with loss.backward(), the
+    backward pass follows the forward's dtypes); gradients come out float32 like the weights.
     """
+    device_type = next(model.parameters()).device.type
 
     def loss_of_one_example(params, *example):
         def model_fn(*args, **kwargs):
             return functional_call(model, params, args, kwargs)
 
-        loss = per_example_loss(model_fn, *(t.unsqueeze(0) for t in example))
-        return loss.sum()  # [1] -> scalar, so grad() applies
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            loss = per_example_loss(model_fn, *(t.unsqueeze(0) for t in example))
+        return loss.float().sum()  # [1] -> []
+
+    def grad_and_loss_of_one_example(params, *example):
+        # This is torch.func.grad, spelled as vjp so that we can pass create_graph=False: grad
+        # always records the backward pass for higher derivatives, which DP-SGD never takes;
+        # measured, that doubles the memory of a chunk. Same gradients either way. (Under
+        # autocast, torch 2.13's vmap rule for GroupNorm's backward fails on mixed dtypes
+        # without the recorded graph, so that path keeps grad's behaviour.)
+        loss, backward = vjp(lambda p: loss_of_one_example(p, *example), params)
+        (grads,) = backward(torch.ones_like(loss), create_graph=autocast)
+        return grads, loss
 
     # randomness="different": layers like dropout draw an independent mask per example, as in
     # an ordinary batched forward pass.
-    return vmap(grad_and_value(loss_of_one_example), in_dims=(None,) + (0,) * num_tensors,
+    return vmap(grad_and_loss_of_one_example, in_dims=(None,) + (0,) * num_tensors,
                 randomness="different")
 
 
@@ -120,15 +134,14 @@ def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
     named = _trainable_params(model)
     params = {n: p.detach() for n, p in named.items()}
     device = next(iter(params.values())).device
-    grad_fn = _per_example_grad_fn(model, per_example_loss, len(batch_tensors))
+    grad_fn = _per_example_grad_fn(model, per_example_loss, len(batch_tensors), autocast)
     # The running sum is one flat float32 vector; each parameter's gradient is a view into it.
     summed = torch.zeros(sum(p.numel() for p in params.values()), device=device)
     summed_views = summed.split([p.numel() for p in params.values()])
     batch_size = len(batch_tensors[0])
     loss_total, num_clipped = 0.0, 0
     for s, e in _chunks(batch_size, chunk_size) if batch_size else []:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            grads, losses = grad_fn(params, *(t[s:e] for t in batch_tensors))
+        grads, losses = grad_fn(params, *(t[s:e] for t in batch_tensors))
         grads = [g.reshape(e - s, -1).float() for g in grads.values()]  # [b, numel] each
         # Flat L2 norm over all parameters from the per-tensor norms. (Concatenating the
         # gradients into one [b, P] matrix first costs an extra pass over memory: measured slower.)
