@@ -8,7 +8,9 @@ two refinements the hard stage of DP-FETA (PAPER.md section 3) relies on:
   batches are a different mechanism and would make the reported epsilon wrong.
 * Noise multiplicity from Dockhorn et al. 2022 (DPDM): the caller's per-example loss may
   average K diffusion-noise draws of one example. That gives ONE gradient per example, which is
-  clipped once, so the K draws reduce gradient variance at the privacy cost of one.
+  clipped once. The privacy unit is the example: clipping the average bounds its influence by C
+  whatever K is, so the K draws cost the privacy of one; and the average has lower variance
+  than a single draw, so clipping it throws away less signal.
 
 One logical step (`dp_step`):
     g_i   = grad of loss_i                      per example, via torch.func (vmap of vjp)
@@ -114,12 +116,16 @@ def per_sample_grads(model, per_example_loss, *batch_tensors, chunk_size=None):
 
 
 def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
-            expected_batch_size, noise_generator, chunk_size=64, autocast=False):
+            expected_batch_size, noise_generator, chunk_size=32, autocast=False):
     """One DP-SGD step on the (Poisson-sampled) batch; returns stats for logging.
 
+    per_example_loss(model_callable, *tensors) -> [B], as for per_sample_grads.
     batch_tensors: tuple of tensors with the batch's examples along dim 0 (may be empty).
-    expected_batch_size: q * N, public; the sum is divided by it, never by the realised size.
-    noise_generator: seeded torch.Generator for the Gaussian noise (device of the parameters).
+    expected_batch_size: q * N with the q of poisson_batches and of the accountant; the sum is
+    divided by it, never by the realised size.
+    noise_generator: seeded torch.Generator for the Gaussian noise.
+    chunk_size: examples per vmap pass. Memory grows with it (never with the logical batch);
+    on a 2-core CPU about 128 images per pass (chunk_size * K draws) ran fastest.
     autocast: run forward/backward under bfloat16 autocast (CPUs with bf16 units, GPUs); the
     per-example gradients, norms, clipping, running sum and noise stay float32.
     Returns {"loss": mean per-example loss (nan if empty), "clipped_fraction", "batch_size"}.
@@ -142,7 +148,7 @@ def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
     loss_total, num_clipped = 0.0, 0
     for s, e in _chunks(batch_size, chunk_size) if batch_size else []:
         grads, losses = grad_fn(params, *(t[s:e] for t in batch_tensors))
-        grads = [g.reshape(e - s, -1).float() for g in grads.values()]  # [b, numel] each
+        grads = [g.reshape(e - s, -1) for g in grads.values()]  # [b, numel], float32 each
         # Flat L2 norm over all parameters from the per-tensor norms. (Concatenating the
         # gradients into one [b, P] matrix first costs an extra pass over memory: measured slower.)
         norms = torch.linalg.vector_norm(
@@ -151,15 +157,16 @@ def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
         for view, g in zip(summed_views, grads):
             view.addmv_(g.T, factors)  # sum_i factor_i * g_i, one matrix-vector product
         del grads  # the chunk's per-example gradients are dropped here: bounded memory
-        loss_total += losses.float().sum().item()
+        loss_total += losses.sum().item()
         num_clipped += int((factors < 1.0).sum())
     # Noise calibrated to the sensitivity C of the sum: with Poisson sampling, adding or
     # removing one example changes the sum of clipped gradients by at most C. An empty batch
     # still gets its noise: skipping it would reveal that the batch was empty.
     summed.add_(torch.randn(summed.shape, generator=noise_generator,
                             device=noise_generator.device).to(device), alpha=sigma * clip_norm)
-    # Divide by the public expected size qN: the realised size depends on the data, and
-    # dividing by it would change the sensitivity the accountant assumes.
+    # Divide by the public expected size qN: the realised size is itself data-dependent (it
+    # moves by one when an example is added), so dividing by it would change the sensitivity
+    # the accountant assumes; qN is a public constant, so dividing by it is post-processing.
     summed.div_(expected_batch_size)
     for p, view in zip(named.values(), summed_views):
         p.grad = view.view_as(p)

@@ -296,3 +296,17 @@ def test_per_example_layers_are_accepted_and_frozen_parameters_untouched():
     got, _ = grads_after_step(model, classification_loss, (x, y), 1.0, 1.0, 3.0,
                               torch.Generator().manual_seed(0))
     assert model.conv1.weight.grad is None
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(clip_norm=0.0), "clip_norm"), (dict(sigma=-1.0), "sigma"),
+                                          (dict(expected_batch_size=0.0), "expected_batch_size"),
+                                          (dict(chunk_size=0), "chunk_size")])
+def test_dp_step_bad_arguments(kwargs, name):
+    model, (x, y) = make_net(), small_batch(2)
+    args = dict(clip_norm=1.0, sigma=1.0, expected_batch_size=2.0, chunk_size=4) | kwargs
+    with pytest.raises(ValueError, match=name):
+        dpsgd.dp_step(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                      (x, y), noise_generator=torch.Generator(), **args)
+    with pytest.raises(ValueError, match="batch_tensors"):
+        dpsgd.dp_step(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                      (x, y[:1]), 1.0, 1.0, 2.0, torch.Generator())
