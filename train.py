@@ -37,16 +37,16 @@ FID_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dp-feta")  # real-s
 # the paper's protocol (../shared/PAPER.md); "tiny" exercises every stage in a minute (tests).
 PRESETS = {
     "paper": dict(model="paper", central_q=0.1, central_sigma=5.0, central_queries=5,
-                  warmup_steps=2000, warmup_batch=64, batch=4096, epochs=150, noise_draws=32,
-                  chunk=256, lr=3e-4, clip=1.0, ema=0.999, sample_steps=None, guidance=0.0,
+                  warmup_steps=2000, warmup_batch=64, batch=4096, epochs=150.0, noise_draws=32,
+                  chunk=256, autocast=0, lr=3e-4, clip=1.0, ema=0.999, sample_steps=0, guidance=0.0,
                   n_samples=60000, fid_n=60000, train_subset=None),
     "cpu": dict(model="small", central_q=0.1, central_sigma=5.0, central_queries=5,
-                warmup_steps=1500, warmup_batch=64, batch=1024, epochs=2, noise_draws=4,
-                chunk=64, lr=1e-3, clip=1.0, ema=0.99, sample_steps=50, guidance=0.0,
-                n_samples=3000, fid_n=1000, train_subset=None),
+                warmup_steps=1200, warmup_batch=64, batch=1024, epochs=3.5, noise_draws=1,
+                chunk=64, autocast=1, lr=1e-3, clip=1.0, ema=0.97, sample_steps=25,
+                guidance=1.0, n_samples=2000, fid_n=1000, train_subset=None),
     "tiny": dict(model="small", central_q=0.1, central_sigma=5.0, central_queries=2,
-                 warmup_steps=20, warmup_batch=16, batch=100, epochs=2, noise_draws=1,
-                 chunk=32, lr=1e-3, clip=1.0, ema=0.9, sample_steps=5, guidance=0.0,
+                 warmup_steps=20, warmup_batch=16, batch=100, epochs=2.0, noise_draws=1,
+                 chunk=32, autocast=0, lr=1e-3, clip=1.0, ema=0.9, sample_steps=5, guidance=0.0,
                  n_samples=100, fid_n=50, train_subset=2000),
 }
 
@@ -61,10 +61,12 @@ HELP = dict(
     epochs="DP-SGD epochs; steps = epochs * N / batch",
     noise_draws="diffusion noise draws per example, averaged before clipping (multiplicity K)",
     chunk="physical chunk of examples per per-sample-gradient pass (memory, not privacy)",
+    autocast="1: bfloat16 autocast in DP-SGD's forward pass (norms, clipping, noise stay "
+             "float32); 0: float32",
     lr="Adam learning rate (both stages)",
     clip="per-example gradient clipping norm C",
     ema="EMA decay of the weights",
-    sample_steps="DDIM sampling steps (omit for full ancestral DDPM)",
+    sample_steps="DDIM sampling steps (0: the full ancestral DDPM sampler)",
     guidance="classifier-free guidance weight w (0 = plain conditional model)",
     n_samples="synthetic images to generate (uniformly random labels)",
     fid_n="images per side for FID (generated and real training); 0 skips FID",
@@ -120,10 +122,21 @@ def check_args(args):
     if args.model not in diffusion.MODEL_SIZES:
         raise ValueError(f"--model: unknown '{args.model}', choose one of "
                          f"{', '.join(diffusion.MODEL_SIZES)}")
-    for name in ("warmup_steps", "warmup_batch", "batch", "epochs", "noise_draws", "chunk",
-                 "n_samples", "central_queries"):
-        if getattr(args, name) < (0 if name in ("warmup_steps", "epochs") else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    at_least_one = ("warmup_batch", "batch", "noise_draws", "chunk", "n_samples",
+                    "central_queries")
+    positive = ("epochs", "lr", "clip", "central_sigma")
+    for name in at_least_one + positive + ("warmup_steps", "sample_steps", "guidance", "fid_n"):
+        value = getattr(args, name)
+        smallest = 1 if name in at_least_one else 0
+        if not (value > 0 if name in positive else value >= smallest) or not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be "
+                             f"{'positive' if name in positive else f'>= {smallest}'}, got {value}")
+    if args.autocast not in (0, 1):
+        raise ValueError(f"--autocast must be 0 or 1, got {args.autocast}")
+    if not 0 < args.central_q <= 1:
+        raise ValueError(f"--central-q must lie in (0, 1], got {args.central_q}")
+    if not 0 <= args.ema < 1:
+        raise ValueError(f"--ema must lie in [0, 1), got {args.ema}")
 
 
 def privacy_plan(args, n):
@@ -302,7 +315,7 @@ class Pipeline:
             stats = dpsgd.dp_step(self.model, self.optimizer, self.ddpm.loss,
                                   (x0, y_in, t, noise), clip_norm=a.clip, sigma=sigma,
                                   expected_batch_size=q * n, noise_generator=self.generator,
-                                  chunk_size=a.chunk)
+                                  chunk_size=a.chunk, autocast=bool(a.autocast))
             self.ledger.add("DP-SGD", q, sigma, 1)
             self.ema.update(self.model)
             return stats
@@ -359,7 +372,7 @@ class Pipeline:
     # -------------------------------------------------------------------------- helpers
     def sample(self, model, sample_labels):
         return self.ddpm.sample(model, sample_labels, self.generator,
-                                steps=self.args.sample_steps, guidance=self.args.guidance)
+                                steps=self.args.sample_steps or None, guidance=self.args.guidance)
 
     def save_sample_grid(self, name, model):
         grid_labels = torch.arange(self.classes, device=self.device).repeat_interleave(10)
@@ -399,25 +412,30 @@ def install_ctrl_c():
     return stop
 
 
-def open_run(args):
-    """The checkpoint of the run to resume (None for a new run); creates a new run folder."""
-    if args.resume:
-        path = os.path.join(args.resume, "checkpoint.pt")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except FileNotFoundError:
-            raise ValueError(f"--resume: no checkpoint.pt in {args.resume}") from None
-        except Exception as e:  # a truncated or foreign file
-            raise ValueError(f"--resume: cannot read {path} ({type(e).__name__})") from None
-        saved = state["args"]
-        for key in ("dataset", "eps", "delta", "no_central"):
-            if saved[key] != getattr(args, key):
-                raise ValueError(f"--resume: {args.resume} is a run with {key}={saved[key]}, "
-                                 f"not {getattr(args, key)}; resume it with the same settings")
-        folder, device = args.resume, args.device
-        args.__dict__.update(saved)  # the run continues with its own settings
-        args.out, args.resume, args.device = folder, folder, device
-        return state
+def load_checkpoint(args):
+    """The checkpoint of the run in --resume; `args` become that run's own settings."""
+    path = os.path.join(args.resume, "checkpoint.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise ValueError(f"--resume: no checkpoint.pt in {args.resume}") from None
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"--resume: cannot read {path} ({type(e).__name__})") from None
+    saved = state["args"]
+    for key in ("dataset", "eps", "delta", "no_central"):
+        if saved[key] != getattr(args, key):
+            raise ValueError(f"--resume: {args.resume} is a run with {key}={saved[key]}, "
+                             f"not {getattr(args, key)}; resume it with the same settings")
+    # The run continues with its own settings; only where things are may change.
+    where = dict(out=args.resume, resume=args.resume, device=args.device,
+                 checkpoint_minutes=args.checkpoint_minutes,
+                 data_dir=args.data_dir or saved["data_dir"],
+                 inception=args.inception or saved["inception"])
+    args.__dict__.update({**saved, **where})
+    return state
+
+
+def make_run_folder(args):
     args.out = args.out or os.path.join(
         "runs", f"{args.dataset}-eps{args.eps:g}" + ("-nocentral" if args.no_central else ""))
     if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
@@ -429,19 +447,24 @@ def open_run(args):
         os.remove(os.path.join(args.out, ".writable"))
     except OSError as e:
         raise ValueError(f"--out: cannot write to {args.out} ({e.strerror})") from None
-    return None
 
 
 def run(args):
+    state = load_checkpoint(args) if args.resume else None
     check_args(args)
     images, labels = data.load(args.dataset, "train", args.data_dir)
     if args.train_subset:
         images, labels = images[:args.train_subset], labels[:args.train_subset]
-    plan = privacy_plan(args, len(images))  # fails early if the budget cannot be met
-    state = open_run(args)
+    # Planned before anything is written, so a budget that cannot be met writes nothing.
+    plan = state["plan"] if state else privacy_plan(args, len(images))
+    if plan["n"] != len(images):
+        raise ValueError(f"--data-dir: the run was planned for {plan['n']} training images, "
+                         f"found {len(images)}")
     if args.delta >= 1 / len(images):
         print(f"warning: delta={args.delta:g} is not below 1/N = {1 / len(images):.2g}: "
               f"a mechanism that publishes one random record would meet it")
+    if state is None:
+        make_run_folder(args)
     torch.manual_seed(0)  # only the models' initial weights; all else uses the run's generator
     pipeline = Pipeline(args, state)
     if state is None:
@@ -450,7 +473,11 @@ def run(args):
     print_plan(pipeline.plan)
     print(f"run folder: {args.out} (stage {pipeline.stage}, step {pipeline.step})")
     pipeline.write_report()
-    pipeline.run(images, labels, install_ctrl_c())
+    try:
+        pipeline.run(images, labels, install_ctrl_c())
+    except (ValueError, data.DataError, evaluate.WeightsError) as e:  # e.g. no FID weights
+        raise type(e)(f"{e}; the run so far is saved: fix this, then continue with --resume "
+                      f"{args.out}") from None
     eps, order = pipeline.ledger.epsilon() if pipeline.ledger.history else (0.0, None)
     print(f"done: ({eps:.4f}, {args.delta:g})-DP; report in {pipeline.path('report.json')}")
     return 0

@@ -114,3 +114,17 @@ def test_resume_of_another_budget_is_refused_and_nothing_changes(mnist_dir, tmp_
     assert hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest() == digest
     # A new run into a folder that holds one is refused too.
     assert train.main(tiny_args(mnist_dir, out)) == 2
+
+
+def test_a_missing_weights_file_loses_nothing(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(mnist_dir, out, "--inception", str(tmp_path / "no.pth"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no.pth" in err and "--resume" in err
+    samples = np.load(out / "samples.npz")["images"]  # sampling finished before the error
+    weights = os.path.join(torch.hub.get_dir(), "checkpoints", train.evaluate.FID_WEIGHTS_FILE)
+    if not os.path.exists(weights):
+        pytest.skip("real FID weights not in the torch hub cache")
+    assert train.main(tiny_args(mnist_dir, out, "--resume", str(out), "--inception", weights)) == 0
+    assert np.array_equal(np.load(out / "samples.npz")["images"], samples)
+    assert np.isfinite(read_report(out)["metrics"]["fid"]["value"])
