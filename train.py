@@ -169,9 +169,10 @@ class StopRequested(Exception):
     """Ctrl-C arrived; the run was checkpointed at a step boundary."""
 
 
-def atomic_write(path, write):
-    """Write a file via a temporary file and a rename: a crash never leaves half a file."""
-    write(path + ".tmp")
+def atomic_write(path, write, mode="wb"):
+    """write(file) into a temporary file, then rename it: a crash never leaves half a file."""
+    with open(path + ".tmp", mode) as f:
+        write(f)
     os.replace(path + ".tmp", path)
 
 
@@ -218,7 +219,7 @@ class Pipeline:
                      optimizer=self.optimizer.state_dict(),
                      generator=self.generator.get_state(), timings=self.timings,
                      metrics=self.metrics)
-        atomic_write(self.path("checkpoint.pt"), lambda p: torch.save(state, p))
+        atomic_write(self.path("checkpoint.pt"), lambda f: torch.save(state, f))
 
     def load(self, state):
         self.seed, self.stage, self.step, self.plan = (state["seed"], state["stage"],
@@ -239,8 +240,7 @@ class Pipeline:
                       privacy_ledger=self.ledger.to_dict(),
                       privacy_spent=dict(eps=eps, delta=self.args.delta, order=order),
                       metrics=self.metrics, timings_s=self.timings)
-        atomic_write(self.path("report.json"),
-                     lambda p: open(p, "w").write(json.dumps(report, indent=2) + "\n"))
+        atomic_write(self.path("report.json"), lambda f: json.dump(report, f, indent=2), "w")
 
     # ----------------------------------------------------------------------- the stages
     def run(self, images, labels, stop):
@@ -333,13 +333,16 @@ class Pipeline:
         started = time.time()
         sample_labels = torch.randint(self.classes, (a.n_samples,), device=self.device,
                                       generator=self.generator)
-        synthetic = self.sample(self.ema.model, sample_labels)
-        print(f"[sample] {a.n_samples} images in {time.time() - started:.0f} s")
-        array = synthetic.permute(0, 2, 3, 1).cpu().numpy()
+        pieces = []
+        for start in range(0, a.n_samples, 500):
+            pieces.append(self.sample(self.ema.model, sample_labels[start:start + 500]))
+            print(f"[sample] {start + len(pieces[-1])}/{a.n_samples} images, "
+                  f"{time.time() - started:.0f} s", flush=True)
+        array = torch.cat(pieces).permute(0, 2, 3, 1).numpy()
         if self.channels == 1:
             array = array[..., 0]
-        atomic_write(self.path("samples.npz"), lambda p: np.savez_compressed(
-            open(p, "wb"), images=array, labels=sample_labels.cpu().numpy()))
+        atomic_write(self.path("samples.npz"), lambda f: np.savez_compressed(
+            f, images=array, labels=sample_labels.cpu().numpy()))
         self.save_sample_grid("samples.png", self.ema.model)
 
     def stage_evaluate(self, images, labels, stop):
@@ -443,7 +446,7 @@ def make_run_folder(args):
                          f"--resume {args.out} or choose another --out")
     try:
         os.makedirs(args.out, exist_ok=True)
-        atomic_write(os.path.join(args.out, ".writable"), lambda p: open(p, "w").close())
+        atomic_write(os.path.join(args.out, ".writable"), lambda f: None)
         os.remove(os.path.join(args.out, ".writable"))
     except OSError as e:
         raise ValueError(f"--out: cannot write to {args.out} ({e.strerror})") from None
