@@ -293,7 +293,7 @@ class Pipeline:
             self.ema.update(self.model)
             return f"loss {loss.item():.4f}"
 
-        self.train_loop("warmup", a.warmup_steps, warmup_step, stop)
+        self.train_loop("warmup", a.warmup_steps, a.warmup_batch, warmup_step, stop)
         # DP-SGD starts from the warmed-up (raw) weights with a fresh optimizer and EMA.
         self.save_sample_grid("warmup_samples.png", self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=a.lr)
@@ -321,11 +321,13 @@ class Pipeline:
             return stats
 
         def describe(stats):
-            eps = self.ledger.epsilon()[0]
-            return (f"loss {stats['loss']:.4f} batch {stats['batch_size']} "
-                    f"| eps spent {eps:.3f}/{a.eps:g}")
+            # Only what the accountant covers: the batch's loss and its realised size are
+            # statistics of the sensitive data that no mechanism privatised, so they are not
+            # printed (logs get shared).
+            return f"| eps spent {self.ledger.epsilon()[0]:.3f}/{a.eps:g}"
 
-        self.train_loop("dpsgd", steps, dp_step, stop, describe)
+        # images/s counts the expected batch qN: the realised size is not public either.
+        self.train_loop("dpsgd", steps, q * n, dp_step, stop, describe)
 
     def stage_sample(self, images, labels, stop):
         """Synthesis: n images with uniformly random labels from the EMA model."""
@@ -381,7 +383,7 @@ class Pipeline:
         grid_labels = torch.arange(self.classes, device=self.device).repeat_interleave(10)
         data.save_grid(self.sample(model, grid_labels), self.path(name), nrow=10)
 
-    def train_loop(self, stage, total, step_fn, stop, describe=lambda s: s):
+    def train_loop(self, stage, total, images_per_step, step_fn, stop, describe=lambda s: s):
         """Steps self.step..total-1 with progress lines, checkpoints and Ctrl-C handling."""
         first, started, last_print, last_save = self.step, time.time(), 0.0, time.time()
         while self.step < total:
@@ -391,8 +393,8 @@ class Pipeline:
             if now - last_print > 10 or self.step in (first + 1, total):
                 rate = (self.step - first) / (now - started)
                 print(f"[{stage}] step {self.step}/{total} {describe(stats)} | "
-                      f"{rate:.2f} steps/s | ETA {(total - self.step) / rate / 60:.1f} min",
-                      flush=True)
+                      f"{rate * images_per_step:.0f} images/s | "
+                      f"ETA {(total - self.step) / rate / 60:.1f} min", flush=True)
                 last_print = now
             if stop["requested"] or now - last_save > 60 * self.args.checkpoint_minutes:
                 self.save()
