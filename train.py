@@ -31,23 +31,25 @@ import diffusion
 import dpsgd
 import evaluate
 
-FID_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dp-feta")  # real-side statistics
-
-# Settings per preset. "cpu" finishes in about half an hour on a 2-core laptop CPU; "paper" is
-# the paper's protocol (../shared/PAPER.md); "tiny" exercises every stage in a minute (tests).
+# Settings per preset. "cpu" finishes in about 25 minutes on a 2-core laptop CPU; "paper" is
+# the paper's protocol (../shared/PAPER.md; expected batch 4000 = 60000/15, so q = 1/15 and 150
+# epochs are 2250 steps); "tiny" exercises every stage in about a minute (tests).
 PRESETS = {
     "paper": dict(model="paper", central_q=0.1, central_sigma=5.0, central_queries=5,
-                  warmup_steps=2000, warmup_batch=64, batch=4096, epochs=150.0, noise_draws=32,
-                  chunk=256, autocast=0, lr=3e-4, clip=1.0, ema=0.999, sample_steps=0, guidance=0.0,
-                  n_samples=60000, fid_n=60000, train_subset=None),
+                  warmup_steps=2000, warmup_batch=64, batch=4000, epochs=150.0, noise_draws=32,
+                  chunk=256, autocast=0, lr=3e-4, clip=1.0, ema=0.999, sample_steps=0,
+                  guidance=0.0, n_samples=60000, fid_n=60000, classifier_epochs=50,
+                  classifier_lr=3e-4, train_subset=None),
     "cpu": dict(model="small", central_q=0.1, central_sigma=5.0, central_queries=5,
                 warmup_steps=1200, warmup_batch=64, batch=1024, epochs=3.5, noise_draws=1,
                 chunk=64, autocast=1, lr=1e-3, clip=1.0, ema=0.97, sample_steps=25,
-                guidance=1.0, n_samples=2000, fid_n=1000, train_subset=None),
+                guidance=1.0, n_samples=2000, fid_n=1000, classifier_epochs=10,
+                classifier_lr=1e-3, train_subset=None),
     "tiny": dict(model="small", central_q=0.1, central_sigma=5.0, central_queries=2,
                  warmup_steps=20, warmup_batch=16, batch=100, epochs=2.0, noise_draws=1,
-                 chunk=32, autocast=0, lr=1e-3, clip=1.0, ema=0.9, sample_steps=5, guidance=0.0,
-                 n_samples=100, fid_n=50, train_subset=2000),
+                 chunk=32, autocast=0, lr=1e-3, clip=1.0, ema=0.9, sample_steps=5,
+                 guidance=0.0, n_samples=100, fid_n=50, classifier_epochs=3,
+                 classifier_lr=1e-3, train_subset=2000),
 }
 
 HELP = dict(
@@ -70,44 +72,52 @@ HELP = dict(
     guidance="classifier-free guidance weight w (0 = plain conditional model)",
     n_samples="synthetic images to generate (uniformly random labels)",
     fid_n="images per side for FID (generated and real training); 0 skips FID",
+    classifier_epochs="epochs of the accuracy classifier (trained on synthetic images only)",
+    classifier_lr="Adam learning rate of the accuracy classifier",
     train_subset="use only the first N training images (the sensitive set; tests)",
 )
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="mnist", help="mnist, fashionmnist or cifar10")
-    p.add_argument("--eps", type=float, default=1.0, help="total privacy budget epsilon")
-    p.add_argument("--delta", type=float, default=1e-5, help="privacy parameter delta (< 1/N)")
+                                epilog="Settings without a flag come from the preset.")
+    p.add_argument("--dataset", help="mnist (default), fashionmnist or cifar10")
+    p.add_argument("--eps", type=float, help="total privacy budget epsilon (default 1)")
+    p.add_argument("--delta", type=float, help="privacy parameter delta (default 1e-5; < 1/N)")
     p.add_argument("--preset", choices=PRESETS, default=None,
                    help="settings bundle (default: paper on a GPU, cpu otherwise)")
-    p.add_argument("--no-central", action="store_true",
+    p.add_argument("--no-central", action="store_true", default=None,
                    help="skip the easy stage: plain DP-SGD (the DPDM baseline)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the dataset files (default ./data/<dataset>, downloaded)")
     p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-eps<eps>)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a stopped run")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, ... (default: the run's own when resuming, else cuda if "
+                        "available)")
     p.add_argument("--seed", type=int, default=None,
                    help="fix all randomness, DP noise included (testing only: a known seed "
                         "lets anyone remove the noise); default: a secret seed")
     p.add_argument("--inception", default=None, help="local FID Inception weights file")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0,
-                   help="also checkpoint this often during training")
+                   help="also checkpoint this often during training (default 5)")
     for name, value in PRESETS["cpu"].items():
-        kind = type(value) if value is not None else int
-        if name == "model":
-            kind = str
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=HELP[name])
-    args = p.parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    preset = PRESETS[args.preset or ("paper" if args.device.startswith("cuda") else "cpu")]
-    for name, value in preset.items():  # a flag overrides its preset value
+        kind = str if name == "model" else int if value is None else type(value)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{HELP[name]} "
+                       f"[cpu: {value}, paper: {PRESETS['paper'][name]}]")
+    return p.parse_args(argv)
+
+
+def fill_defaults(args):
+    """Defaults of a new run: the preset (by device) fills every setting not given as a flag."""
+    for name, value in dict(dataset="mnist", eps=1.0, delta=1e-5, no_central=False,
+                            device="cuda" if torch.cuda.is_available() else "cpu").items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    return args
+    preset = PRESETS[args.preset or ("paper" if args.device.startswith("cuda") else "cpu")]
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def check_args(args):
@@ -124,13 +134,24 @@ def check_args(args):
                          f"{', '.join(diffusion.MODEL_SIZES)}")
     at_least_one = ("warmup_batch", "batch", "noise_draws", "chunk", "n_samples",
                     "central_queries")
-    positive = ("epochs", "lr", "clip", "central_sigma")
+    positive = ("epochs", "lr", "clip", "central_sigma", "classifier_epochs", "classifier_lr")
     for name in at_least_one + positive + ("warmup_steps", "sample_steps", "guidance", "fid_n"):
         value = getattr(args, name)
         smallest = 1 if name in at_least_one else 0
         if not (value > 0 if name in positive else value >= smallest) or not math.isfinite(value):
             raise ValueError(f"--{name.replace('_', '-')} must be "
                              f"{'positive' if name in positive else f'>= {smallest}'}, got {value}")
+    if args.sample_steps > 1000:
+        raise ValueError(f"--sample-steps must be at most the 1000 diffusion steps, got "
+                         f"{args.sample_steps}")
+    if args.train_subset is not None and args.train_subset < 1:
+        raise ValueError(f"--train-subset must be >= 1, got {args.train_subset}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device '{args.device}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda was asked for, but torch sees no CUDA GPU")
     if args.autocast not in (0, 1):
         raise ValueError(f"--autocast must be 0 or 1, got {args.autocast}")
     if not 0 < args.central_q <= 1:
@@ -195,12 +216,19 @@ class Pipeline:
         self.ddpm = diffusion.DDPM(num_classes=self.classes).to(self.device)
         self.ema = diffusion.EMA(self.model, args.ema)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
-        self.generator = torch.Generator(self.device)
+        # Two independent generators. The secret one draws the Poisson samples and all noise
+        # of the mechanisms: whoever knows its state can recompute the noise, and the guarantee
+        # is gone. The public one draws what the release shows (warm-up, sample labels,
+        # sampler noise). One generator for both would leak: torch's CPU generator is a
+        # Mersenne twister, whose state can be solved from enough published labels.
+        self.secret_rng = torch.Generator(self.device)
+        self.public_rng = torch.Generator(self.device)
         if checkpoint is None:
-            # The seed must stay secret: whoever knows it can recompute the DP noise and the
-            # Poisson samples, and the guarantee is gone. It is kept in the checkpoint only.
-            self.seed = args.seed if args.seed is not None else secrets.randbits(62)
-            self.generator.manual_seed(self.seed)
+            # Independent OS-drawn seeds, kept in the checkpoint only; --seed is for tests.
+            self.seeds = ((args.seed, args.seed + 1) if args.seed is not None
+                          else (secrets.randbits(62), secrets.randbits(62)))
+            self.secret_rng.manual_seed(self.seeds[0])
+            self.public_rng.manual_seed(self.seeds[1])
             self.stage, self.step, self.plan = "central", 0, None
             self.ledger = accountant.PrivacyLedger(args.delta)
             self.central = None
@@ -213,23 +241,25 @@ class Pipeline:
         return os.path.join(self.folder, name)
 
     def save(self):
-        state = dict(args=vars(self.args), seed=self.seed, stage=self.stage, step=self.step,
+        state = dict(args=vars(self.args), seeds=self.seeds, stage=self.stage, step=self.step,
                      plan=self.plan, ledger=self.ledger.to_dict(), central=self.central,
                      model=self.model.state_dict(), ema=self.ema.state_dict(),
                      optimizer=self.optimizer.state_dict(),
-                     generator=self.generator.get_state(), timings=self.timings,
+                     secret_rng=self.secret_rng.get_state(),
+                     public_rng=self.public_rng.get_state(), timings=self.timings,
                      metrics=self.metrics)
         atomic_write(self.path("checkpoint.pt"), lambda f: torch.save(state, f))
 
     def load(self, state):
-        self.seed, self.stage, self.step, self.plan = (state["seed"], state["stage"],
-                                                        state["step"], state["plan"])
+        self.seeds, self.stage, self.step, self.plan = (state["seeds"], state["stage"],
+                                                         state["step"], state["plan"])
         self.ledger = accountant.PrivacyLedger.from_dict(state["ledger"])
         self.central = state["central"]
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        self.secret_rng.set_state(state["secret_rng"])
+        self.public_rng.set_state(state["public_rng"])
         self.timings, self.metrics = state["timings"], state["metrics"]
 
     def write_report(self):
@@ -263,7 +293,7 @@ class Pipeline:
         a = self.args
         central_images, central_labels, mechanism = central.central_images(
             images, labels, self.classes, q=a.central_q, sigma=a.central_sigma,
-            queries=a.central_queries, generator=self.generator)
+            queries=a.central_queries, generator=self.secret_rng)
         self.ledger.add("central images", *mechanism)
         self.central = (central_images.cpu(), central_labels.cpu())
         order = central_labels.argsort(stable=True)  # one row per class
@@ -281,16 +311,15 @@ class Pipeline:
 
         def warmup_step():
             pick = torch.randint(len(pool_images), (a.warmup_batch,), device=self.device,
-                                 generator=self.generator)
-            x0 = central.augment(pool_images[pick], self.generator,
+                                 generator=self.public_rng)
+            x0 = central.augment(pool_images[pick], self.public_rng,
                                  max_magnitude=3 if self.channels == 1 else 9) * 2 - 1
             y_in, t, noise = self.ddpm.draw_inputs(pool_labels[pick], 1, x0.shape[1:],
-                                                   self.generator)
+                                                   self.public_rng)
             loss = self.ddpm.loss(self.model, x0, y_in, t, noise).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            self.ema.update(self.model)
             return f"loss {loss.item():.4f}"
 
         self.train_loop("warmup", a.warmup_steps, a.warmup_batch, warmup_step, stop)
@@ -305,16 +334,16 @@ class Pipeline:
         x_all = images.to(self.device).float().div_(255).mul_(2).sub_(1)
         y_all = labels.to(self.device)
         n, q, sigma, steps = len(x_all), plan["q"], plan["sigma"], plan["steps"]
-        batches = dpsgd.poisson_batches(n, q, steps - self.step, self.generator)
+        batches = dpsgd.poisson_batches(n, q, steps - self.step, self.secret_rng)
 
         def dp_step():
             idx = next(batches)
             x0 = x_all[idx]
             y_in, t, noise = self.ddpm.draw_inputs(y_all[idx], a.noise_draws, x0.shape[1:],
-                                                   self.generator)
+                                                   self.secret_rng)
             stats = dpsgd.dp_step(self.model, self.optimizer, self.ddpm.loss,
                                   (x0, y_in, t, noise), clip_norm=a.clip, sigma=sigma,
-                                  expected_batch_size=q * n, noise_generator=self.generator,
+                                  expected_batch_size=q * n, noise_generator=self.secret_rng,
                                   chunk_size=a.chunk, autocast=bool(a.autocast))
             self.ledger.add("DP-SGD", q, sigma, 1)
             self.ema.update(self.model)
@@ -326,7 +355,7 @@ class Pipeline:
             # printed (logs get shared).
             return f"| eps spent {self.ledger.epsilon()[0]:.3f}/{a.eps:g}"
 
-        # images/s counts the expected batch qN: the realised size is not public either.
+        # images/s counts the expected batch qN: the realised size is part of the secret sample.
         self.train_loop("dpsgd", steps, q * n, dp_step, stop, describe)
 
     def stage_sample(self, images, labels, stop):
@@ -334,7 +363,7 @@ class Pipeline:
         a = self.args
         started = time.time()
         sample_labels = torch.randint(self.classes, (a.n_samples,), device=self.device,
-                                      generator=self.generator)
+                                      generator=self.public_rng)
         pieces = []
         for start in range(0, a.n_samples, 500):
             pieces.append(self.sample(self.ema.model, sample_labels[start:start + 500]))
@@ -357,8 +386,8 @@ class Pipeline:
             synthetic, synthetic_labels = samples["images"], samples["labels"]
         test_images, test_labels = data.load(a.dataset, "test", a.data_dir)
         result = evaluate.classifier_accuracy(synthetic, synthetic_labels, test_images,
-                                              test_labels, self.classes, seed=0,
-                                              device=self.device)
+                                              test_labels, self.classes, a.classifier_epochs,
+                                              lr=a.classifier_lr, seed=0, device=self.device)
         self.metrics["accuracy"] = result
         print(f"[evaluate] accuracy on the real test set: {result['test_accuracy']:.4f} "
               f"(classifier trained on {result['n_train']} synthetic images)")
@@ -367,7 +396,9 @@ class Pipeline:
             inception = evaluate.load_inception(a.inception, self.device)
             fake = evaluate.feature_statistics(evaluate.inception_features(
                 synthetic[:n_fake], device=self.device, model=inception))
-            real = evaluate.reference_stats(a.dataset, n_real, FID_CACHE, a.data_dir,
+            # The real side's statistics describe sensitive images: they stay in the (private)
+            # run folder, next to the checkpoint, and are reused when the run is resumed.
+            real = evaluate.reference_stats(a.dataset, n_real, self.folder, a.data_dir,
                                             device=self.device, model=inception)
             value = evaluate.frechet_distance(*fake, *real)
             self.metrics["fid"] = dict(value=value, n_generated=n_fake, n_real=n_real,
@@ -376,7 +407,7 @@ class Pipeline:
 
     # -------------------------------------------------------------------------- helpers
     def sample(self, model, sample_labels):
-        return self.ddpm.sample(model, sample_labels, self.generator,
+        return self.ddpm.sample(model, sample_labels, self.public_rng,
                                 steps=self.args.sample_steps or None, guidance=self.args.guidance)
 
     def save_sample_grid(self, name, model):
@@ -428,11 +459,14 @@ def load_checkpoint(args):
         raise ValueError(f"--resume: cannot read {path} ({type(e).__name__})") from None
     saved = state["args"]
     for key in ("dataset", "eps", "delta", "no_central"):
-        if saved[key] != getattr(args, key):
+        if getattr(args, key) is not None and saved[key] != getattr(args, key):
             raise ValueError(f"--resume: {args.resume} is a run with {key}={saved[key]}, "
-                             f"not {getattr(args, key)}; resume it with the same settings")
+                             f"not {getattr(args, key)}")
+    if args.device and torch.device(args.device).type != torch.device(saved["device"]).type:
+        raise ValueError(f"--device: {args.resume} ran on {saved['device']}; its random state "
+                         f"only continues there")
     # The run continues with its own settings; only where things are may change.
-    where = dict(out=args.resume, resume=args.resume, device=args.device,
+    where = dict(out=args.resume, resume=args.resume, device=args.device or saved["device"],
                  checkpoint_minutes=args.checkpoint_minutes,
                  data_dir=args.data_dir or saved["data_dir"],
                  inception=args.inception or saved["inception"])
@@ -456,6 +490,8 @@ def make_run_folder(args):
 
 def run(args):
     state = load_checkpoint(args) if args.resume else None
+    if state is None:
+        fill_defaults(args)
     check_args(args)
     images, labels = data.load(args.dataset, "train", args.data_dir)
     if args.train_subset:
@@ -496,8 +532,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StopRequested:
-        print(f"stopped; continue with: python train.py --resume {args.out} "
-              f"--dataset {args.dataset} --eps {args.eps:g}")
+        print(f"stopped; continue with: python train.py --resume {args.out}")
         return 130
 
 

@@ -73,7 +73,8 @@ def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(mnist_dir, tmp_
         assert weights_a.keys() == weights_b.keys()
         for name, tensor in weights_a.items():
             assert torch.equal(tensor, weights_b[name]), name
-    assert torch.equal(a["generator"], b["generator"])
+    assert torch.equal(a["secret_rng"], b["secret_rng"])
+    assert torch.equal(a["public_rng"], b["public_rng"])
     assert a["ledger"] == b["ledger"]
     assert np.array_equal(np.load(whole / "samples.npz")["images"],
                           np.load(pieces / "samples.npz")["images"])
