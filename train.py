@@ -10,7 +10,7 @@ Image Synthesis", S&P 2025) trains one diffusion model in two stages:
 One RDP accountant (accountant.py) composes both mechanisms; the DP-SGD noise is calibrated so
 the composition meets the requested (eps, delta). `--no-central` drops stage 1 (the DPDM
 baseline). Every stage writes an atomic checkpoint, so `--resume RUN_DIR` continues a run,
-privacy ledger included, and ends exactly where an uninterrupted run would.
+privacy ledger included, and ends exactly where an uninterrupted run on the same device would.
 """
 import argparse
 import json
