@@ -504,6 +504,8 @@ def run(args):
     if args.delta >= 1 / len(images):
         print(f"warning: delta={args.delta:g} is not below 1/N = {1 / len(images):.2g}: "
               f"a mechanism that publishes one random record would meet it")
+    if args.fid_n and (state is None or state["stage"] != "done"):
+        evaluate.load_inception(args.inception)  # missing FID weights: fail now, not at the end
     if state is None:
         make_run_folder(args)
     torch.manual_seed(0)  # only the models' initial weights; all else uses the run's generator
