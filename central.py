@@ -1,6 +1,6 @@
 """The easy stage of DP-FETA: central images, and the augmentation used to warm up on them.
 
-Central images (DP-FETA, "From Easy to Hard", S&P 2025; see PAPER.md section 1) are noisy
+Central images (DP-FETA, "From Easy to Hard", S&P 2025: the easy stage) are noisy
 per-class means of Poisson-sampled subsets of the sensitive set. Each of the T queries is ONE
 Gaussian mechanism on the vector of all K class sums of half-resolution images:
 
@@ -18,27 +18,22 @@ in exactly one place, `poisson_class_sums`, which returns the clean sums of a Po
 its only caller is `noisy_class_means`, which adds the noise before anything else happens.
 `central_images` only sees noisy means. The tests check this behaviourally as well.
 
-`augment` is the RandAugment-style warm-up augmentation (PAPER.md section 2): 2 random ops per
-image, magnitude drawn from 1..M, re-drawn on every call. It only ever touches released images.
+`augment` is the RandAugment-style warm-up augmentation of the official code: 2 random ops per
+image, magnitude drawn from 1..M (3 for grayscale, 9 for colour), re-drawn on every call. It only ever touches released images.
 """
 import argparse
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
+
+import randomness
 
 
 # ---------------------------------------------------------------------------------------------
 # The mechanism
 # ---------------------------------------------------------------------------------------------
-
-def poisson_sample(n, q, generator):
-    """Bool mask [n]: each of n images is included independently with probability q.
-
-    Poisson (not fixed-size) sampling is what the subsampled-Gaussian analysis assumes.
-    The draw depends only on n (public) and the generator, never on the data."""
-    return torch.rand(n, generator=generator, device=generator.device) < q
-
 
 def downsample(images):
     """[N,C,H,W] uint8 or float -> float64 [N,C,H//2,W//2] in [0,1], nearest neighbour.
@@ -55,7 +50,7 @@ def poisson_class_sums(images, labels, num_classes, q, generator):
 
     This is the only function that reads the sensitive data. Its result must go through
     noise before it leaves the module (see noisy_class_means)."""
-    mask = poisson_sample(images.shape[0], q, generator).to(images.device)
+    mask = randomness.poisson_sample(images.shape[0], q, generator).to(images.device)
     sampled = downsample(images[mask])
     sums = torch.zeros((num_classes,) + sampled.shape[1:], dtype=torch.float64, device=sampled.device)
     return sums.index_add_(0, labels[mask], sampled)
@@ -68,7 +63,8 @@ def noisy_class_means(images, labels, num_classes, q, sigma, generator):
     sensitivity of the vector of all class sums). We divide by the EXPECTED per-class count
     q*N/K, a public number. Dividing by the realised count would make the divisor depend on the
     data; the output would then no longer be the Gaussian mechanism the accountant analyses
-    (PAPER.md section 6). N (the dataset size) is treated as public, as for DP-SGD's rate q."""
+    (a pitfall of published code). N (the dataset size) is treated as public, as for DP-SGD's
+    rate q."""
     sums = poisson_class_sums(images, labels, num_classes, q, generator)
     d_prime = sums[0].numel()
     noise = torch.randn(sums.shape, generator=generator, dtype=torch.float64, device=generator.device)
@@ -103,8 +99,10 @@ def central_images(images, labels, num_classes, q=0.1, sigma=5.0, queries=5, gen
     """DP-FETA's central images: T = `queries` Gaussian-mechanism releases of noisy class means.
 
     images: the sensitive set, uint8 [N,C,H,W] (or float in [0,1]); labels: int64 [N] in 0..K-1.
+    generator: the secret generator (randomness.secret_generator) for the samples and noise.
     Returns (central float32 [T*K,C,H,W] in [0,1], central_labels int64 [T*K],
-    mechanism (q, sigma, T) for the accountant). Output i is query i // K, class i % K."""
+    mechanism (q', sigma, T) for the accountant, q' = randomness.sampling_rate(q), the exact
+    inclusion probability). Output i is query i // K, class i % K."""
     if images.dim() != 4 or labels.shape != (images.shape[0],):
         raise ValueError("images: expected [N,C,H,W] with labels [N], got %s and %s"
                          % (tuple(images.shape), tuple(labels.shape)))
@@ -122,7 +120,7 @@ def central_images(images, labels, num_classes, q=0.1, sigma=5.0, queries=5, gen
     if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
         raise ValueError("labels: must lie in 0..num_classes-1 (num_classes=%d)" % num_classes)
     if generator is None:
-        raise ValueError("generator: pass a seeded torch.Generator (reproducible noise)")
+        raise ValueError("generator: pass the secret generator (randomness.secret_generator)")
 
     size = images.shape[-2:]
     releases = []
@@ -134,7 +132,7 @@ def central_images(images, labels, num_classes, q=0.1, sigma=5.0, queries=5, gen
         releases.append(median_and_sharpen(means) if postprocess else means)
     central = torch.cat(releases).clamp(0.0, 1.0)
     central_labels = torch.arange(num_classes, device=central.device).repeat(int(queries))
-    return central, central_labels, (q, sigma, int(queries))
+    return central, central_labels, (randomness.sampling_rate(q), sigma, int(queries))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,20 +250,25 @@ def main(argv=None):
     parser.add_argument("--q", type=float, default=0.1)
     parser.add_argument("--sigma", type=float, default=5.0)
     parser.add_argument("--queries", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="testing only: a known seed lets anyone remove the noise "
+                             "(default: a secret generator)")
     args = parser.parse_args(argv)
     try:
         images, labels = data.load(args.dataset, "train", args.data_dir)
         info = data.INFO[args.dataset]
-        generator = torch.Generator().manual_seed(args.seed)
+        secret = randomness.secret_generator(args.seed)
         start = time.perf_counter()
         central, central_labels, mechanism = central_images(
-            images, labels, info["classes"], args.q, args.sigma, args.queries, generator)
+            images, labels, info["classes"], args.q, args.sigma, args.queries, secret)
         seconds = time.perf_counter() - start
+        # The augmentation shown in the picture draws from its own generator: its draws are
+        # visible, and must reveal nothing about the secret generator's state.
+        public = torch.Generator().manual_seed(0)
         magnitude = 3 if info["channels"] == 1 else 9
-        save_pictures(central, central_labels, info["classes"], args.out, generator, magnitude)
+        save_pictures(central, central_labels, info["classes"], args.out, public, magnitude)
     except (ValueError, data.DataError) as error:
-        print("error: %s" % error)
+        print("error: %s" % error, file=sys.stderr)
         raise SystemExit(2)
     print("central images %s in %.2f s; mechanism (q, sigma, T) = %s; PNGs in %s"
           % (tuple(central.shape), seconds, mechanism, args.out))

@@ -1,44 +1,33 @@
-"""DP-SGD: Poisson sampling, per-example clipping, Gaussian noise.
+"""DP-SGD: per-example clipping and Gaussian noise on Poisson-sampled batches.
 
 This is Algorithm 1 of Abadi et al. 2016, "Deep Learning with Differential Privacy", with the
-two refinements the hard stage of DP-FETA (PAPER.md section 3) relies on:
+two refinements the hard stage of DP-FETA (training on the sensitive images) relies on:
 
-* Poisson sampling (each example joins a batch independently with probability q), because
-  that is the mechanism the RDP accountant analyses (accountant.py); shuffled fixed-size
-  batches are a different mechanism and would make the reported epsilon wrong.
+* Poisson sampling (each example joins a batch independently with probability q,
+  randomness.poisson_sample), because that is the mechanism the RDP accountant analyses
+  (accountant.py); shuffled fixed-size batches are a different mechanism and would make the
+  reported epsilon wrong.
 * Noise multiplicity from Dockhorn et al. 2022 (DPDM): the caller's per-example loss may
   average K diffusion-noise draws of one example. That gives ONE gradient per example, which is
   clipped once. The privacy unit is the example: clipping the average bounds its influence by C
   whatever K is, so the K draws cost the privacy of one; and the average has lower variance
   than a single draw, so clipping it throws away less signal.
 
-One logical step (`dp_step`):
-    g_i   = grad of loss_i                      per example, via torch.func (vmap of vjp)
-    g_i  <- g_i * min(1, C / (||g_i|| + 1e-6))   flat L2 norm over all trainable parameters
-    g     = (sum_i g_i + N(0, (sigma C)^2 I)) / (q N)
-and `g` is handed to any torch optimizer as `.grad`.
+One logical step (`dp_step`) is three functions, one per line of the algorithm:
+    clipped_sum:  sum_i g_i min(1, C / ||g_i||)     g_i = grad of loss_i via torch.func (vmap of
+                                                     vjp); flat L2 norm over all parameters
+    add_noise:    + N(0, (sigma C)^2 I)
+    scale_grad:   / (q N), handed to any torch optimizer as `.grad`
 The batch is processed in physical chunks whose clipped gradients are summed and dropped, so
 memory depends on the chunk size, never on the logical batch size.
 """
-
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-
-def poisson_batches(n, q, steps, generator):
-    """Yield `steps` int64 index tensors; each of the n examples is in a batch w.p. q.
-
-    Batch sizes vary and a batch may be empty. The q used here must be exactly the q given to
-    the accountant (q = expected batch size / n).
-    """
-    if n < 1:
-        raise ValueError(f"n: must be a positive number of examples, got {n}")
-    if not 0.0 < q <= 1.0:
-        raise ValueError(f"q: sampling rate must be in (0, 1], got {q}")
-    for _ in range(steps):
-        included = torch.rand(n, generator=generator, device=generator.device) < q
-        yield included.nonzero().flatten().cpu()
+# Clip to C (1 - CLIP_MARGIN): room for the float32 rounding of factor * g_i (a few ulps, about
+# 1e-7 relative), so that no contribution exceeds C (measured 1.0000001 C without a margin).
+CLIP_MARGIN = 1e-6
 
 
 def check_per_example_independence(model):
@@ -115,62 +104,89 @@ def per_sample_grads(model, per_example_loss, *batch_tensors, chunk_size=None):
     return {n: torch.cat([piece[n] for piece in pieces]) for n in params}
 
 
-def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
-            expected_batch_size, noise_generator, chunk_size=32, autocast=False):
-    """One DP-SGD step on the (Poisson-sampled) batch; returns stats for logging.
+def clipped_sum(model, per_example_loss, batch_tensors, clip_norm, chunk_size=32,
+                autocast=False):
+    """sum_i clip(g_i), as one flat float32 vector over the trainable parameters.
 
-    per_example_loss(model_callable, *tensors) -> [B], as for per_sample_grads.
-    batch_tensors: tuple of tensors with the batch's examples along dim 0 (may be empty).
-    expected_batch_size: q * N with the q of poisson_batches and of the accountant; the sum is
-    divided by it, never by the realised size.
-    noise_generator: seeded torch.Generator for the Gaussian noise.
-    chunk_size: examples per vmap pass. Memory grows with it (never with the logical batch);
-    on a 2-core CPU about 128 images per pass (chunk_size * K draws) ran fastest.
-    autocast: run forward/backward under bfloat16 autocast (CPUs with bf16 units, GPUs); the
-    per-example gradients, norms, clipping, running sum and noise stay float32.
-    Returns {"loss": mean per-example loss (nan if empty), "clipped_fraction", "batch_size"}.
+    clip(g) = g * min(1, C' / ||g||) with C' = C (1 - CLIP_MARGIN); an example whose gradient
+    is not finite (a NaN or inf anywhere) contributes zero: its influence would otherwise be
+    unbounded, and zero is a contribution of norm <= C like any other. Norms are taken in
+    float64, so the clipping decision does not suffer float32 rounding in a sum of 10^5
+    squares; the margin covers the rounding of the float32 product factor * g (a few ulps),
+    so a contribution never exceeds C. How many examples were clipped or dropped is never
+    returned: those counts are statistics of the sensitive batch that no mechanism privatised.
     """
-    check_per_example_independence(model)
-    if clip_norm <= 0 or sigma < 0 or expected_batch_size <= 0:
-        raise ValueError(f"clip_norm, sigma, expected_batch_size: need C > 0, sigma >= 0, qN > 0, "
-                         f"got {clip_norm}, {sigma}, {expected_batch_size}")
-    if len({len(t) for t in batch_tensors}) != 1:
-        raise ValueError(f"batch_tensors: need >= 1 tensors sharing dim 0, got shapes "
-                         f"{[tuple(t.shape) for t in batch_tensors]}")
-    named = _trainable_params(model)
-    params = {n: p.detach() for n, p in named.items()}
+    params = {n: p.detach() for n, p in _trainable_params(model).items()}
     device = next(iter(params.values())).device
     grad_fn = _per_example_grad_fn(model, per_example_loss, len(batch_tensors), autocast)
     # The running sum is one flat float32 vector; each parameter's gradient is a view into it.
     summed = torch.zeros(sum(p.numel() for p in params.values()), device=device)
     summed_views = summed.split([p.numel() for p in params.values()])
-    batch_size = len(batch_tensors[0])
-    loss_total, num_clipped = 0.0, 0
-    for s, e in _chunks(batch_size, chunk_size) if batch_size else []:
-        grads, losses = grad_fn(params, *(t[s:e] for t in batch_tensors))
+    for s, e in _chunks(len(batch_tensors[0]), chunk_size):
+        grads, _ = grad_fn(params, *(t[s:e] for t in batch_tensors))
         grads = [g.reshape(e - s, -1) for g in grads.values()]  # [b, numel], float32 each
         # Flat L2 norm over all parameters from the per-tensor norms. (Concatenating the
         # gradients into one [b, P] matrix first costs an extra pass over memory: measured slower.)
-        norms = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads]), dim=0)
-        factors = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        norms = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g, dim=1, dtype=torch.float64) for g in grads]), dim=0)
+        factors = (clip_norm * (1 - CLIP_MARGIN) / norms).clamp(max=1.0)
+        factors = torch.where(norms.isfinite(), factors, 0.0).float()
         for view, g in zip(summed_views, grads):
-            view.addmv_(g.T, factors)  # sum_i factor_i * g_i, one matrix-vector product
+            # 0 * NaN is NaN: a dropped example's entries are zeroed as well (no branch on
+            # whether any were non-finite, so the step does the same work either way).
+            view.addmv_(g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).T, factors)
         del grads  # the chunk's per-example gradients are dropped here: bounded memory
-        loss_total += losses.sum().item()
-        num_clipped += int((factors < 1.0).sum())
-    # Noise calibrated to the sensitivity C of the sum: with Poisson sampling, adding or
-    # removing one example changes the sum of clipped gradients by at most C. An empty batch
-    # still gets its noise: skipping it would reveal that the batch was empty.
-    summed.add_(torch.randn(summed.shape, generator=noise_generator,
-                            device=noise_generator.device).to(device), alpha=sigma * clip_norm)
-    # Divide by the public expected size qN: the realised size is itself data-dependent (it
-    # moves by one when an example is added), so dividing by it would change the sensitivity
-    # the accountant assumes; qN is a public constant, so dividing by it is post-processing.
-    summed.div_(expected_batch_size)
-    for p, view in zip(named.values(), summed_views):
+    return summed
+
+
+def add_noise(summed, sigma, clip_norm, generator):
+    """summed + N(0, (sigma C)^2 I), drawn from `generator` (on its device) in float32.
+
+    Calibrated to the sensitivity C of the sum: with Poisson sampling, adding or removing one
+    example changes the sum of clipped gradients by at most C. An empty batch gets its noise
+    too: skipping it would reveal that the batch was empty."""
+    noise = torch.randn(summed.shape, generator=generator, device=generator.device)
+    return summed + sigma * clip_norm * noise.to(summed.device)
+
+
+def scale_grad(model, noisy_sum, expected_batch_size):
+    """Set each trainable parameter's .grad to its slice of noisy_sum / (q N).
+
+    The divisor is the expected batch size qN, a public constant: dividing by it is
+    post-processing. The realised batch size moves by one when an example is added, so dividing
+    by it would change the sensitivity the accountant assumes."""
+    flat = noisy_sum / expected_batch_size
+    named = _trainable_params(model)
+    for p, view in zip(named.values(), flat.split([p.numel() for p in named.values()])):
         p.grad = view.view_as(p)
+
+
+def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
+            expected_batch_size, noise_generator, chunk_size=32, autocast=False):
+    """One DP-SGD step (Abadi et al. 2016, Algorithm 1) on a Poisson-sampled batch.
+
+    per_example_loss(model_callable, *tensors) -> [B], as for per_sample_grads.
+    batch_tensors: tuple of tensors with the batch's examples along dim 0 (may be empty).
+    clip_norm C, noise multiplier sigma, expected_batch_size qN with the q of the sampler and
+    the accountant. noise_generator: the secret generator (randomness.py).
+    chunk_size: examples per vmap pass. Memory grows with it (never with the logical batch);
+    on a 2-core CPU about 128 images per pass (chunk_size * K draws) ran fastest.
+    autocast: the forward pass under bfloat16 autocast (CPUs with bf16 units, GPUs); the
+    per-example gradients, norms, clipping, running sum and noise stay float32 or wider.
+    Returns nothing: everything it could report about the batch is unprivatised.
+    """
+    check_per_example_independence(model)
+    _check_step_arguments(batch_tensors, clip_norm, sigma, expected_batch_size)
+    summed = clipped_sum(model, per_example_loss, batch_tensors, clip_norm, chunk_size, autocast)
+    noisy_sum = add_noise(summed, sigma, clip_norm, noise_generator)
+    scale_grad(model, noisy_sum, expected_batch_size)
     optimizer.step()
-    return {"loss": loss_total / batch_size if batch_size else float("nan"),
-            "clipped_fraction": num_clipped / batch_size if batch_size else 0.0,
-            "batch_size": batch_size}
+
+
+def _check_step_arguments(batch_tensors, clip_norm, sigma, expected_batch_size):
+    if not (clip_norm > 0 and sigma >= 0 and expected_batch_size > 0):
+        raise ValueError(f"clip_norm, sigma, expected_batch_size: need C > 0, sigma >= 0, qN > 0, "
+                         f"got {clip_norm}, {sigma}, {expected_batch_size}")
+    if len({len(t) for t in batch_tensors}) != 1:
+        raise ValueError(f"batch_tensors: need >= 1 tensors sharing dim 0, got shapes "
+                         f"{[tuple(t.shape) for t in batch_tensors]}")

@@ -20,6 +20,7 @@ import scipy.stats
 import torch
 
 import central
+import randomness
 
 
 def fake_data(n=400, channels=1, size=28, classes=10, seed=0, weights=None):
@@ -128,23 +129,13 @@ def test_each_query_draws_fresh_sample_and_noise():
     assert not torch.equal(out[:10], out[10:20]) and not torch.equal(out[10:20], out[20:])
 
 
-def test_poisson_inclusion_frequency_is_q():
-    n, q = 200_000, 0.1
-    g = gen(5)
-    mask = central.poisson_sample(n, q, g)
-    sd = math.sqrt(q * (1 - q) / n)
-    assert abs(mask.float().mean().item() - q) < 5 * sd
-    counts = {int(central.poisson_sample(1000, q, g).sum()) for _ in range(20)}
-    assert len(counts) > 1  # Poisson, not a fixed batch size
-
-
 def test_output_contract_and_determinism():
     images, labels = fake_data(channels=3, size=32)
     out, out_labels, mech = central.central_images(images, labels, 10, generator=gen(1))
     assert out.shape == (50, 3, 32, 32) and out.dtype == torch.float32
     assert 0 <= out.min() and out.max() <= 1
     assert out_labels.dtype == torch.int64 and out_labels.tolist() == list(range(10)) * 5
-    assert mech == (0.1, 5.0, 5)
+    assert mech == (randomness.sampling_rate(0.1), 5.0, 5)  # the exact inclusion probability
     again, _, _ = central.central_images(images, labels, 10, generator=gen(1))
     assert torch.equal(out, again)
 
@@ -189,7 +180,7 @@ def test_sensitive_data_only_used_via_noisy_means():
 def test_images_outside_the_sample_or_with_equal_sums_do_not_matter():
     images, labels = fake_data(n=400)
     q, seed = 0.5, 21
-    mask = central.poisson_sample(400, q, gen(seed))  # the first draw of the first query
+    mask = randomness.poisson_sample(400, q, gen(seed))  # the first draw of the first query
     ref, _, _ = central.central_images(images, labels, 10, q=q, sigma=1.0, queries=1,
                                        generator=gen(seed))
     changed = images.clone()
