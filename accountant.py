@@ -25,6 +25,15 @@ Everything is computed in log space and vectorised over the order grid; nothing 
 Precision: integer orders sum A - 1 (all terms positive), so they keep full relative precision.
 The fractional series sums A itself; at sigma in the hundreds A is within 1e-10 of 1 and those
 orders carry a round-off of ~1e-16 in log A per step: harmless, such settings pick large orders.
+
+Accepted inputs. sigma^2 overflows past sigma = sqrt(largest float) = 1.34e154, and below
+sigma ~ 5e-152 one step's RDP is already inf or NaN (sooner with more steps); next to 1, orders
+divide round-off by alpha - 1 (NaN at the float after 1). So sigma must lie in SIGMA_LIMITS, steps
+in [0, MAX_STEPS] and orders in [MIN_ORDER, MAX_ORDER]: far wider than DP-SGD uses (sigma 0.1 to
+1e4, millions of steps), and inside that box every result is finite; each one is still checked,
+and a non-finite one is an error, never a return value. sigma = 0 (no noise) has epsilon = inf:
+refused likewise. A history that never touches the data (empty, or q = 0 or steps = 0 throughout)
+spends exactly eps = 0, reported as (0.0, None): no order is involved.
 """
 import argparse
 import math
@@ -43,7 +52,10 @@ DEFAULT_ORDERS.flags.writeable = False
 
 SERIES_RTOL = 1e-14         # stop a fractional series once its tail is this small relative to A
 SERIES_MAX_TERMS = 2 ** 14  # ... or at this many terms, keeping the (still rigorous) tail bound
-SIGMA_RANGE = (1e-2, 1e6)   # where calibrate_sigma searches
+SIGMA_RANGE = (1e-2, 1e6)   # where calibrate_sigma searches (its doubling may step to 2^20)
+SIGMA_LIMITS = (1e-3, 1e8)  # the sigmas accepted at all: around SIGMA_RANGE, inside float range
+MAX_STEPS = 10 ** 15        # below 2^53, so every accepted count is exact in float64
+MIN_ORDER = 1.001           # nearer 1 the conversion alone charges > 1000 log(1/delta)
 MAX_ORDER = 10_000          # the sums grow with the order; 1024 is already ample
 
 
@@ -62,10 +74,29 @@ def _check(name, value, ok, requirement):
 
 
 def _check_mechanism(q, sigma, steps):
+    low, high = SIGMA_LIMITS
     q = _check("q", q, lambda v: 0 <= v <= 1, "in [0, 1]")
-    sigma = _check("sigma", sigma, lambda v: v > 0, "> 0")
-    steps = _check("steps", steps, lambda v: v >= 0 and v == int(v), "a whole number >= 0")
+    sigma = _check("sigma", sigma, lambda v: v != 0, "> 0 (sigma = 0 adds no noise: epsilon = inf)")
+    sigma = _check("sigma", sigma, lambda v: low <= v <= high, f"in [{low:g}, {high:g}]")
+    steps = _check("steps", steps, lambda v: 0 <= v <= MAX_STEPS and v == int(v),
+                   f"a whole number in [0, {MAX_STEPS:.0e}]")
     return q, sigma, int(steps)
+
+
+def _check_history(history):
+    """The history as a list of checked (q, sigma, steps) triples."""
+    try:
+        entries = list(history)
+    except TypeError:
+        raise ValueError(f"history: must be a list of (q, sigma, steps), got {history!r}") from None
+    checked = []
+    for index, entry in enumerate(entries):
+        try:
+            q, sigma, steps = entry
+        except (TypeError, ValueError):
+            raise ValueError(f"history[{index}]: must be a (q, sigma, steps) triple") from None
+        checked.append(_check_mechanism(q, sigma, steps))
+    return checked
 
 
 def _check_delta(delta):
@@ -79,9 +110,18 @@ def _check_orders(orders):
         orders = np.atleast_1d(np.asarray(orders, dtype=float))
     except (TypeError, ValueError):
         raise ValueError("orders: must be a list of numbers") from None
-    if orders.ndim != 1 or orders.size == 0 or not np.all((orders > 1) & (orders <= MAX_ORDER)):
-        raise ValueError(f"orders: must be a non-empty list of numbers in (1, {MAX_ORDER}]")
+    in_range = np.all((orders >= MIN_ORDER) & (orders <= MAX_ORDER))
+    if orders.ndim != 1 or orders.size == 0 or not in_range:
+        raise ValueError(f"orders: must be a non-empty list of numbers in [{MIN_ORDER}, {MAX_ORDER}]")
     return orders
+
+
+def _check_finite(name, values, inputs):
+    """values, unless one is NaN or inf: inside the accepted inputs none should be, so a non-finite
+    result is a bug, reported as a one-line error instead of a silent NaN or inf."""
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name}: not finite for {inputs} (an accountant bug; please report it)")
+    return values
 
 
 # ---------------------------------------------------------------- RDP of one step
@@ -159,25 +199,22 @@ def rdp(q, sigma, steps, orders=None):
     if (~is_int).any():
         log_a[~is_int] = _log_a_fractional(q, sigma, orders[~is_int])
     # A >= 1 (Jensen); clipping float round-off below 0 can only raise the reported cost.
-    return steps * np.maximum(log_a, 0.0) / (orders - 1)
+    return _check_finite("rdp", steps * np.maximum(log_a, 0.0) / (orders - 1),
+                         f"q={q:g}, sigma={sigma:g}, steps={steps}")
 
 
 # ---------------------------------------------------------------- composition and conversion
-def _history_rdp(history, orders):
-    total = np.zeros(len(orders))
-    for index, entry in enumerate(history):
-        try:
-            q, sigma, steps = entry
-        except (TypeError, ValueError):
-            raise ValueError(f"history[{index}]: must be a (q, sigma, steps) triple") from None
-        total += rdp(q, sigma, steps, orders)  # RDP composes by addition
-    return total
+def _history_rdp(mechanisms, orders):
+    """Total RDP of checked (q, sigma, steps) mechanisms: RDP composes by addition."""
+    return sum((rdp(q, sigma, steps, orders) for q, sigma, steps in mechanisms),
+               np.zeros(len(orders)))
 
 
 def _rdp_to_epsilon(total_rdp, delta, orders, warn=True):
     """Best (eps, order) over the grid (Balle et al. 2020 Thm 21); warn if it is at an edge."""
     eps = total_rdp + np.log1p(-1 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1)
     best = int(np.argmin(eps))
+    _check_finite("epsilon", eps[best], f"delta={delta:g} at order {orders[best]:g}")
     if warn and len(orders) > 1 and orders[best] in (orders.min(), orders.max()):
         warnings.warn(f"best order {orders[best]:g} is at the edge of the order grid; "
                       "a wider grid may give a smaller epsilon", stacklevel=3)
@@ -185,9 +222,14 @@ def _rdp_to_epsilon(total_rdp, delta, orders, warn=True):
 
 
 def epsilon(history, delta, orders=None):
-    """(eps, best_order) spent by a history of (q, sigma, steps) mechanisms at `delta`."""
-    delta, orders = _check_delta(delta), _check_orders(orders)
-    return _rdp_to_epsilon(_history_rdp(history, orders), delta, orders)
+    """(eps, best_order) spent by a history of (q, sigma, steps) mechanisms at `delta`.
+
+    A history that never touches the data (empty, or q = 0 or steps = 0 in every entry) gives
+    exactly (0.0, None): its output does not depend on the data at all."""
+    delta, orders, mechanisms = _check_delta(delta), _check_orders(orders), _check_history(history)
+    if all(q == 0 or steps == 0 for q, _, steps in mechanisms):
+        return 0.0, None  # the conversion formula would still charge its log(1/delta) term
+    return _rdp_to_epsilon(_history_rdp(mechanisms, orders), delta, orders)
 
 
 def calibrate_sigma(target_eps, delta, q, steps, history=(), orders=None):
@@ -200,7 +242,7 @@ def calibrate_sigma(target_eps, delta, q, steps, history=(), orders=None):
     delta, orders = _check_delta(delta), _check_orders(orders)
     q = _check("q", q, lambda v: 0 < v <= 1, "in (0, 1] (q = 0 costs nothing)")
     steps = int(_check("steps", steps, lambda v: v >= 1 and v == int(v), "a whole number >= 1"))
-    spent = _history_rdp(history, orders)
+    spent = _history_rdp(_check_history(history), orders)
     floor = _rdp_to_epsilon(spent, delta, orders, warn=False)[0]
     if floor >= target_eps:
         raise ValueError(f"target_eps: {target_eps:g} is not above the {floor:.4g} that the history "
@@ -302,6 +344,8 @@ def _answer(args):
     if not history:
         raise ValueError("--stage, --q: nothing to account; give a mechanism")
     eps, order = epsilon(history, delta)
+    if order is None:
+        return f"epsilon={_rounded_up(eps)} at delta={delta:g} (nothing touches the data)"
     return f"epsilon={_rounded_up(eps)} at delta={delta:g} (best order {order:g})"
 
 

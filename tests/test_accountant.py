@@ -2,6 +2,7 @@
 quadrature of the definition, closed forms, the properties RDP accounting must have, bad input,
 the ledger and the command line."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -167,8 +168,28 @@ def test_no_subsampling_is_the_gaussian_closed_form():
 def test_nothing_sampled_or_no_steps_costs_nothing():
     assert not rdp(0.0, 1.0, 100).any()
     assert not rdp(0.3, 1.0, 0).any()
-    with pytest.warns(UserWarning, match="edge"):  # nothing spent: the largest order is best
-        assert epsilon([(0.0, 1.0, 100)], 1e-5)[0] == epsilon([], 1e-5)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no order is involved, so no grid-edge warning either
+        assert epsilon([(0.0, 1.0, 100)], 1e-5) == epsilon([], 1e-5) == (0.0, None)
+
+
+def test_a_history_that_never_touches_the_data_spends_exactly_zero(capsys):
+    # Its output does not depend on the data, so eps = 0 at every delta; the conversion formula
+    # alone would still charge log(1/delta) / (alpha - 1) at the largest order (0.0035 here).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for delta in (1e-5, 0.5):
+            assert epsilon([], delta) == (0.0, None)
+            assert epsilon([(0.0, 1.0, 100), (0.3, 2.0, 0)], delta) == (0.0, None)
+            assert PrivacyLedger(delta).epsilon() == (0.0, None)
+    ledger = PrivacyLedger(1e-5)
+    ledger.add("central", 0.0, 5.0, 5)
+    assert ledger.epsilon() == (0.0, None)
+    assert accountant.main(["--stage", "0,5,5"]) == 0
+    assert capsys.readouterr().out.startswith("epsilon=0.0000 at delta=1e-05 (nothing")
+    # ... while the faintest use of the data costs more than nothing
+    with pytest.warns(UserWarning, match="edge"):  # almost nothing spent: the largest order wins
+        assert epsilon([(0.0, 1.0, 100), (1e-6, 1e4, 1)], 1e-5)[0] > 0
 
 
 def test_epsilon_falls_with_sigma_and_rises_with_q_and_steps():
@@ -214,6 +235,58 @@ def test_warns_when_the_best_order_is_at_the_grid_edge():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         epsilon([CENTRAL, (1 / 15, 13.1, 2250)], 1e-5)
+
+
+# ------------------------------------------------------------------ the accepted range
+EDGE_ORDERS = [accountant.MIN_ORDER, 1.0015, 2.0, 9999.5, float(accountant.MAX_ORDER)]
+
+
+@pytest.mark.parametrize("sigma", [accountant.SIGMA_LIMITS[0], 0.1, 1e4, accountant.SIGMA_LIMITS[1]],
+                         ids=["lowest", "0.1", "1e4", "highest"])
+def test_every_result_inside_the_accepted_range_is_finite(sigma):
+    # The corners of the accepted box: both sigma limits, the sigmas DP-SGD uses, orders at both
+    # limits, all the steps allowed, q from tiny to 1. Every value must be finite and >= 0.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no overflow / invalid-value warnings
+        warnings.simplefilter("ignore", UserWarning)    # grid-edge warnings are expected here
+        for q in (1e-12, 1e-3, 0.5, 1 - 1e-12, 1.0):
+            for orders in (EDGE_ORDERS, None):
+                values = rdp(q, sigma, accountant.MAX_STEPS, orders)
+                assert np.all(np.isfinite(values)) and np.all(values >= 0), (q, orders)
+            eps, order = epsilon([(q, sigma, accountant.MAX_STEPS), (q, sigma, 1)], 1e-12)
+            assert math.isfinite(eps) and eps > 0 and order in accountant.DEFAULT_ORDERS
+
+
+def test_the_accepted_range_covers_dp_sgd_and_the_calibration_search():
+    low, high = accountant.SIGMA_LIMITS
+    assert low <= 0.1 and high >= 1e4                 # any DP-SGD noise multiplier
+    assert accountant.MAX_STEPS >= 10 ** 7            # millions of steps
+    # calibrate_sigma halves from 1 until below SIGMA_RANGE[0], doubles until past SIGMA_RANGE[1]
+    smallest_probe = 2.0 ** math.floor(math.log2(accountant.SIGMA_RANGE[0]))
+    largest_probe = 2.0 ** math.ceil(math.log2(accountant.SIGMA_RANGE[1]))
+    assert low <= smallest_probe and largest_probe <= high
+    assert accountant.MIN_ORDER <= min(accountant.DEFAULT_ORDERS)
+    assert max(accountant.DEFAULT_ORDERS) <= accountant.MAX_ORDER
+    # and the limits themselves are accepted
+    assert rdp(0.5, low, 1)[0] > rdp(0.5, high, 1)[0] >= 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_result_is_an_error_never_a_return_value(bad, monkeypatch, capsys):
+    # Inside the accepted range no result is NaN or inf; should a bug make one, it must surface.
+    monkeypatch.setattr(accountant, "_log_a_integer", lambda q, sigma, a: np.full(len(a), bad))
+    for call in (lambda: rdp(0.1, 1.0, 10), lambda: epsilon([(0.1, 1.0, 10)], 1e-5),
+                 lambda: PrivacyLedger.from_dict({"delta": 1e-5, "entries": [
+                     dict(name="dpsgd", q=0.1, sigma=1.0, steps=10)]}).epsilon()):
+        with pytest.raises(ValueError, match="^rdp: not finite") as error:
+            call()
+        assert "\n" not in str(error.value)
+    assert accountant.main(["--q", "0.1", "--sigma", "1", "--steps", "10"]) == 2
+    assert capsys.readouterr().err.startswith("error: rdp: not finite")
+    # and the conversion checks its own result
+    monkeypatch.setattr(accountant, "_history_rdp", lambda history, a: np.full(len(a), bad))
+    with pytest.raises(ValueError, match="^epsilon: not finite"):
+        epsilon([(0.1, 1.0, 10)], 1e-5)
 
 
 # ------------------------------------------------------------------ calibration
@@ -274,6 +347,17 @@ BAD_CALLS = [
     ("delta", lambda: PrivacyLedger(0.0)), ("name", lambda: PrivacyLedger(1e-5).add("", 0.1, 1.0)),
     ("sigma", lambda: PrivacyLedger(1e-5).add("dpsgd", 0.1, -2.0)),
     ("ledger", lambda: PrivacyLedger.from_dict({"delta": 1e-5})),
+    # out of the accepted range: an overflow, a NaN or an inf before these checks
+    ("sigma", lambda: rdp(0.1, 1e155, 1)), ("sigma", lambda: rdp(0.1, 1e-155, 1)),
+    ("sigma", lambda: rdp(0.1, accountant.SIGMA_LIMITS[1] * 1.001, 1)),
+    ("sigma", lambda: rdp(0.1, accountant.SIGMA_LIMITS[0] / 1.001, 1)),
+    ("sigma", lambda: epsilon([CENTRAL, (0.1, 1e300, 5)], 1e-5)),
+    ("sigma", lambda: PrivacyLedger(1e-5).add("dpsgd", 0.1, 1e-200)),
+    ("sigma", lambda: calibrate_sigma(1.0, 1e-5, 0.1, 10, history=[(0.1, 1e-160, 1)])),
+    ("steps", lambda: rdp(0.1, 1.0, 1e300)), ("steps", lambda: rdp(0.1, 1.0, 2 ** 53 + 2)),
+    ("orders", lambda: rdp(0.1, 1.0, 1, [np.nextafter(1.0, 2.0)])),
+    ("orders", lambda: epsilon([CENTRAL], 1e-5, orders=[1.0005, 2.0])),
+    ("history", lambda: epsilon(5, 1e-5)), ("history", lambda: calibrate_sigma(1.0, 1e-5, 0.1, 10, 3)),
 ]
 
 
@@ -330,6 +414,19 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, capsys):
     captured = capsys.readouterr()
     assert status == 2 and captured.out == ""
     assert captured.err.count("\n") == 1 and captured.err.startswith("error:")
+
+
+@pytest.mark.parametrize("argv, argument", [
+    (["--q", "0.1", "--sigma", "1e200", "--steps", "10"], "sigma"),
+    (["--q", "0.1", "--sigma", "1e-200", "--steps", "10"], "sigma"),
+    (["--stage", "0.1,1e-300,5", "--q", "0.1", "--eps", "1", "--steps", "10"], "sigma"),
+    (["--q", "0.1", "--sigma", "1", "--steps", "1e300"], "steps"),
+])
+def test_cli_names_the_out_of_range_argument(argv, argument, capsys):
+    assert accountant.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"error: {argument}: must be")
 
 
 def test_cli_as_a_program():
