@@ -11,7 +11,8 @@ eps = (1 + w) eps(x, y) - w eps(x, null).
 
 Everything is written for DP-SGD: the loss is per example (shape [B]) and the model never mixes
 examples of a batch (GroupNorm, not BatchNorm), so torch.func.vmap(grad(...)) over single examples
-works. Timestep indices t run 0..T-1 (Ho's t = 1..T). Images live in [-1, 1] here.
+works. Timestep indices t run 0..T-1 (Ho's t = 1..T). Images live in [-1, 1] here:
+to_model_range and to_uint8 convert to and from stored uint8 images.
 """
 import copy
 import math
@@ -184,6 +185,30 @@ def count_parameters(model):
 
 
 # --------------------------------------------------------------------------------------------
+# Pixel range
+# --------------------------------------------------------------------------------------------
+
+def to_model_range(images):
+    """uint8 images in [0, 255], or float images in [0, 1] (checked) -> float32 in [-1, 1]."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255
+    elif not images.is_floating_point():
+        raise ValueError(f"images: must be uint8 or float in [0, 1], got {images.dtype}")
+    elif images.numel() and not (images.min() >= 0 and images.max() <= 1):  # NaN fails too
+        raise ValueError(f"images: float images must lie in [0, 1], got values in "
+                         f"[{images.min().item():g}, {images.max().item():g}]")
+    return images.float() * 2 - 1
+
+
+def to_uint8(x):
+    """Float images in [-1, 1] -> uint8 in [0, 255], on x's device: clamped first, since samples
+    overshoot the range a little, then rounded to the nearest of the 256 levels."""
+    if not x.is_floating_point():
+        raise ValueError(f"x: must be a float tensor in [-1, 1], got {x.dtype}")
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
 # DDPM
 # --------------------------------------------------------------------------------------------
 
@@ -203,12 +228,16 @@ def cosine_betas(num_steps, s=0.008):
 
 
 class DDPM:
-    """Noise schedule (float64), forward noising, the per-example loss and the samplers.
+    """Noise schedule, forward noising, the per-example loss and the samplers.
 
     num_classes is the number of real labels K; label K is the null label for guidance.
     timestep_dist: "uniform" (Ho et al.), or "noisy": P(t) proportional to t + 1, which spends
     more of the (DP-noised) gradient signal on noisy timesteps, where the coarse shape of the
     image is decided.
+
+    Every coefficient the loss and the samplers use is computed once, below, as a float64 table
+    over t on the CPU. A step indexes the tables and moves the few values it needs to the data's
+    device, so the same DDPM serves a model on any device.
     """
 
     def __init__(self, num_steps=1000, schedule="linear", timestep_dist="uniform", num_classes=10):
@@ -222,35 +251,41 @@ class DDPM:
         self.num_classes = num_classes
         self.betas = linear_betas(num_steps) if schedule == "linear" else cosine_betas(num_steps)
         self.alphas_bar = torch.cumprod(1 - self.betas, dim=0)
+        # abar_{t-1}; before the first step nothing is noised yet: abar = 1
+        alphas_bar_prev = torch.cat([self.alphas_bar.new_ones(1), self.alphas_bar[:-1]])
+        # eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (the loss, x0_hat, DDIM)
+        self.sqrt_alphas_bar = self.alphas_bar.sqrt()
+        self.sqrt_one_minus_alphas_bar = (1 - self.alphas_bar).sqrt()
+        # eq. 7: q(x_{t-1} | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, beta_tilde_t I)
+        self.posterior_coef_x0 = alphas_bar_prev.sqrt() * self.betas / (1 - self.alphas_bar)
+        self.posterior_coef_xt = ((1 - self.betas).sqrt() * (1 - alphas_bar_prev)
+                                  / (1 - self.alphas_bar))
+        self.posterior_std = (self.betas * (1 - alphas_bar_prev) / (1 - self.alphas_bar)).sqrt()
         # Probabilities of each training timestep (float64, summing to 1).
         weights = torch.ones(num_steps, dtype=torch.float64)
         if timestep_dist == "noisy":
             weights = torch.arange(1, num_steps + 1, dtype=torch.float64)
         self.timestep_probs = weights / weights.sum()
 
-    def to(self, device):
-        """Keep the schedule on `device` (it is moved on demand anyway); returns self."""
-        self.betas, self.alphas_bar, self.timestep_probs = (
-            v.to(device) for v in (self.betas, self.alphas_bar, self.timestep_probs))
-        return self
-
-    def _abar(self, t, like):
-        """abar_t for an index tensor t, in like's dtype and device, shaped to broadcast."""
-        abar = self.alphas_bar.to(like.device)[t].to(like.dtype)
-        return abar.reshape(*t.shape, *([1] * (like.dim() - t.dim())))
+    @staticmethod
+    def _gather(table, t, like):
+        """table[t] for an index tensor t, in like's dtype and device, shaped to broadcast."""
+        values = table.to(like.device)[t].to(like.dtype)
+        return values.reshape(*t.shape, *([1] * (like.dim() - t.dim())))
 
     def q_sample(self, x0, t, noise):
         """Sample x_t ~ q(x_t | x_0) by eq. 4: sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
 
         t has the leading shape of x0 (e.g. [B] for x0 [B,C,H,W], or [B,K] for [B,K,C,H,W])."""
-        abar = self._abar(t, x0)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        return (self._gather(self.sqrt_alphas_bar, t, x0) * x0
+                + self._gather(self.sqrt_one_minus_alphas_bar, t, x0) * noise)
 
     def draw_inputs(self, y, num_draws, image_shape, generator, p_uncond=0.1):
-        """All the randomness of one training step, drawn outside vmap.
+        """All the randomness of one training step (Algorithm 1's t and eps), drawn outside vmap.
 
         Returns y_in [B] (labels, each replaced by the null label with probability p_uncond),
-        t [B, K] timestep indices and noise [B, K, *image_shape] for K = num_draws draws."""
+        t [B, K] timestep indices and noise [B, K, *image_shape] for K = num_draws draws. They are
+        drawn on the generator's device (one seed, the same draws anywhere), then moved to y's."""
         if num_draws < 1:
             raise ValueError(f"num_draws: must be >= 1, got {num_draws}")
         if not 0.0 <= p_uncond <= 1.0:
@@ -280,6 +315,8 @@ class DDPM:
         return per_draw.reshape(b, k).mean(dim=1)
 
     # ---------------------------------------------------------------------- sampling
+    # Here t is a Python int: table[t] is a 0-dim CPU tensor, which torch applies to x on any
+    # device as a float64 scalar.
 
     def _guided_eps(self, model, x, t, y, guidance):
         """Classifier-free guidance: (1 + w) eps(x, y) - w eps(x, null); w = 0 is one pass."""
@@ -291,22 +328,22 @@ class DDPM:
                                      torch.cat([y, null])).chunk(2)
         return (1 + guidance) * eps_cond - guidance * eps_uncond
 
+    def _predict_x0(self, x, t, eps):
+        """x0_hat: eq. 4 solved for x_0, clipped to the data range [-1, 1] (as Ho et al.'s code)."""
+        x0 = (x - self.sqrt_one_minus_alphas_bar[t] * eps) / self.sqrt_alphas_bar[t]
+        return x0.clamp(-1, 1)
+
     def _ancestral(self, model, x, y, guidance, generator):
         """Algorithm 2: x_{t-1} ~ N(mu(x_t, x0_hat), beta_tilde_t I), t = T..1.
 
-        The mean is the posterior mean of eq. 7 with x0_hat (from eps, eq. 4 inverted) clipped
-        to the data range [-1, 1], as in Ho et al.'s code; the variance is beta_tilde (eq. 7)."""
-        betas, abar = self.betas, self.alphas_bar
+        The mean is the posterior mean of eq. 7 with x0_hat in place of x_0 (the same as line 4
+        of Algorithm 2 while x0_hat needs no clipping); no noise is added at the last step."""
         for t in reversed(range(self.num_steps)):
-            abar_prev = abar[t - 1] if t > 0 else abar.new_ones(())
             eps = self._guided_eps(model, x, t, y, guidance)
-            x0 = ((x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()).clamp(-1, 1)
-            coef_x0 = abar_prev.sqrt() * betas[t] / (1 - abar[t])
-            coef_xt = (1 - betas[t]).sqrt() * (1 - abar_prev) / (1 - abar[t])
-            x = coef_x0 * x0 + coef_xt * x
+            x0 = self._predict_x0(x, t, eps)
+            x = self.posterior_coef_x0[t] * x0 + self.posterior_coef_xt[t] * x
             if t > 0:
-                var = betas[t] * (1 - abar_prev) / (1 - abar[t])
-                x = x + var.sqrt() * self._noise_like(x, generator)
+                x = x + self.posterior_std[t] * self._noise_like(x, generator)
         return x
 
     def _ddim(self, model, x, y, guidance, steps):
@@ -314,15 +351,16 @@ class DDPM:
         x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps."""
         # Evenly spaced timesteps from T-1 down to 0 (Song et al.'s "linear" selection).
         ts = torch.linspace(self.num_steps - 1, 0, steps).round().long().unique_consecutive()
-        ts, abar = ts.tolist(), self.alphas_bar
+        ts = ts.tolist()
         for i, t in enumerate(ts):
             eps = self._guided_eps(model, x, t, y, guidance)
-            x0 = ((x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()).clamp(-1, 1)
+            x0 = self._predict_x0(x, t, eps)
             if i == len(ts) - 1:
                 return x0
-            eps = (x - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()  # consistent with clipped x0
+            # the eps that the clipped x0_hat implies, so that the step stays on eq. 4
+            eps = (x - self.sqrt_alphas_bar[t] * x0) / self.sqrt_one_minus_alphas_bar[t]
             t_prev = ts[i + 1]
-            x = abar[t_prev].sqrt() * x0 + (1 - abar[t_prev]).sqrt() * eps
+            x = self.sqrt_alphas_bar[t_prev] * x0 + self.sqrt_one_minus_alphas_bar[t_prev] * eps
         return x
 
     @staticmethod
@@ -361,7 +399,7 @@ class DDPM:
                     x = self._ancestral(float_model, x, y, guidance, generator)
                 else:
                     x = self._ddim(float_model, x, y, guidance, steps)
-                out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+                out.append(to_uint8(x).cpu())
         return torch.cat(out)
 
 

@@ -117,6 +117,51 @@ def test_linear_schedule_matches_ho_et_al():
                                                              dtype=torch.float64))
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("num_steps", [1000, 10])
+def test_coefficient_tables_agree_with_eq4_and_bayes_rule(schedule, num_steps):
+    ddpm = DDPM(num_steps, schedule)
+    tables = {name: getattr(ddpm, name) for name in (
+        "sqrt_alphas_bar", "sqrt_one_minus_alphas_bar", "posterior_coef_x0", "posterior_coef_xt",
+        "posterior_std")}
+    for name, table in tables.items():
+        assert table.dtype == torch.float64 and table.device.type == "cpu", name
+        assert table.shape == (num_steps,) and torch.isfinite(table).all(), name
+    abar, beta = ddpm.alphas_bar, ddpm.betas
+    abar_prev, alpha = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]]), 1 - beta
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-12, atol=1e-15)  # noqa: E731
+    # eq. 4: the two coefficients are the square roots of abar_t and of 1 - abar_t
+    assert close(ddpm.sqrt_alphas_bar ** 2, abar)
+    assert close(ddpm.sqrt_one_minus_alphas_bar ** 2, 1 - abar)
+    # Bayes' rule for x_{t-1} ~ N(sqrt(abar_{t-1}) x_0, (1 - abar_{t-1}) I) observed through
+    # x_t = sqrt(alpha_t) x_{t-1} + N(0, beta_t I): precisions add up, and the mean weighs each
+    # source by its precision. Derived here, not copied from eq. 7 (t >= 1; at t = 0, x_{t-1} is
+    # x_0 itself).
+    precision = 1 / (1 - abar_prev[1:]) + alpha[1:] / beta[1:]
+    assert close(ddpm.posterior_std[1:] ** 2, 1 / precision)
+    assert close(ddpm.posterior_coef_xt[1:], alpha[1:].sqrt() / beta[1:] / precision)
+    assert close(ddpm.posterior_coef_x0[1:], abar_prev[1:].sqrt() / (1 - abar_prev[1:]) / precision)
+    assert torch.allclose(ddpm.posterior_coef_x0[0], torch.tensor(1.0, dtype=torch.float64))
+    assert ddpm.posterior_coef_xt[0] == 0 and ddpm.posterior_std[0] == 0
+    # and averaging the posterior over x_t ~ q(x_t | x_0) gives back q(x_{t-1} | x_0)
+    assert close(ddpm.posterior_coef_x0 + ddpm.posterior_coef_xt * abar.sqrt(), abar_prev.sqrt())
+    assert close(ddpm.posterior_coef_xt ** 2 * (1 - abar) + ddpm.posterior_std ** 2, 1 - abar_prev)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_float32_noising_coefficients_are_rounded_once_from_float64(schedule):
+    # sqrt(1 - abar_t) for abar_t near 1: computing 1 - abar_t in float32 loses digits (up to
+    # 3e-4 relative at t = 0 for the cosine schedule); each coefficient must be its float64 value
+    # rounded once to float32, which is within 2^-24 = 5.96e-8 relative.
+    ddpm, t = DDPM(1000, schedule), torch.arange(1000)
+    zeros, ones = torch.zeros(1000, 1, 1, 1), torch.ones(1000, 1, 1, 1)
+    noise_coef = ddpm.q_sample(zeros, t, ones).flatten()
+    mean_coef = ddpm.q_sample(ones, t, zeros).flatten()
+    assert noise_coef.dtype == torch.float32
+    torch.testing.assert_close(noise_coef.double(), (1 - ddpm.alphas_bar).sqrt(), rtol=6e-8, atol=0)
+    torch.testing.assert_close(mean_coef.double(), ddpm.alphas_bar.sqrt(), rtol=6e-8, atol=0)
+
+
 def test_forward_noising_mean_and_variance():
     # eq. 4: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). 20,000 draws per pixel; the
     # tolerances are 5 standard errors of the sample mean and of the sample variance.
@@ -264,7 +309,7 @@ class OracleX0:
         return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
 
 
-def to_uint8(v):
+def expected_uint8(v):
     return round((v + 1) * 127.5)
 
 
@@ -277,7 +322,33 @@ def test_samplers_return_the_oracle_image_for_each_label(steps):
                       image_shape=(1, 4, 4))
     assert out.dtype == torch.uint8 and out.shape == (5, 1, 4, 4)
     for image, y in zip(out, labels):
-        assert (image.int() - to_uint8(level[y].item())).abs().max() <= 1
+        assert (image.int() - expected_uint8(level[y].item())).abs().max() <= 1
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ancestral_sampler_is_algorithm_2_while_nothing_is_clipped(schedule):
+    # Algorithm 2, line 4, as printed: x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps)
+    # / sqrt(alpha_t) + sigma_t z, sigma_t^2 = beta_tilde_t (eq. 7), z = 0 at the last step. Our
+    # sampler goes through x0_hat and eq. 7; with an eps whose x0_hat = 0.9 tanh(x_t) never needs
+    # clipping, the two must agree to float64 round-off, noise draw for noise draw.
+    ddpm = DDPM(50, schedule, num_classes=1)
+    abar, beta = ddpm.alphas_bar, ddpm.betas
+
+    def eps_model(x, t, y):
+        a = abar[t].reshape(-1, 1, 1, 1)
+        return (x - a.sqrt() * 0.9 * torch.tanh(x)) / (1 - a).sqrt()
+
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.long)
+    ours = ddpm._ancestral(eps_model, x_T, y, 0.0, torch.Generator().manual_seed(1))
+    g, x = torch.Generator().manual_seed(1), x_T
+    for t in reversed(range(50)):
+        eps = eps_model(x, torch.full((3,), t), y)
+        x = (x - beta[t] / (1 - abar[t]).sqrt() * eps) / (1 - beta[t]).sqrt()
+        if t > 0:
+            beta_tilde = beta[t] * (1 - abar[t - 1]) / (1 - abar[t])
+            x = x + beta_tilde.sqrt() * torch.randn(x.shape, generator=g).double()
+    assert torch.allclose(ours, x, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -311,7 +382,7 @@ def test_guidance_combines_conditional_and_unconditional_eps():
                       guidance=w, image_shape=(1, 2, 2))
     for image, y in zip(out, [0, 1, 1]):
         target = (1 + w) * level[y].item() - w * level[2].item()
-        assert (image.int() - to_uint8(target)).abs().max() <= 1
+        assert (image.int() - expected_uint8(target)).abs().max() <= 1
     # w = 0: one conditional pass per step, no unconditional pass.
     model.calls.clear()
     ddpm.sample(model, torch.tensor([0, 1, 1]), torch.Generator(), steps=5, image_shape=(1, 2, 2))
@@ -364,6 +435,45 @@ def test_bad_sampling_arguments_raise():
             ddpm.sample(model, torch.tensor([0]), torch.Generator(), **kwargs)
 
 
+# ------------------------------------------------------------------------------ pixel range
+
+def test_pixel_range_round_trips_all_256_values():
+    u = torch.arange(256).to(torch.uint8)
+    x = diffusion.to_model_range(u)
+    assert x.dtype == torch.float32 and x[0] == -1 and x[255] == 1
+    assert (x[1:] > x[:-1]).all()
+    assert torch.allclose((x.double() + 1) * 127.5, u.double(), rtol=0, atol=1e-4)  # affine
+    assert torch.equal(diffusion.to_uint8(x), u)
+    # float images in [0, 1] take the same path, whatever their precision
+    assert torch.equal(diffusion.to_model_range(u.float() / 255), x)
+    assert torch.allclose(diffusion.to_model_range(u.double() / 255), x, rtol=0, atol=1e-7)
+    assert diffusion.to_model_range(u.double() / 255).dtype == torch.float32
+    assert diffusion.to_model_range(u.reshape(4, 1, 8, 8)).shape == (4, 1, 8, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_to_uint8_clamps_then_rounds_to_the_nearest_level(dtype):
+    x = torch.tensor([-3.0, -1.0, 1.0, 2.5, float("inf"), float("-inf")], dtype=dtype)
+    assert torch.equal(diffusion.to_uint8(x), torch.tensor([0, 0, 255, 255, 255, 0],
+                                                           dtype=torch.uint8))
+    k = torch.arange(255, dtype=torch.float64)
+    below = ((k + 0.45) / 127.5 - 1).to(dtype)  # closer to level k
+    above = ((k + 0.55) / 127.5 - 1).to(dtype)  # closer to level k + 1
+    assert torch.equal(diffusion.to_uint8(below), k.to(torch.uint8))
+    assert torch.equal(diffusion.to_uint8(above), (k + 1).to(torch.uint8))
+
+
+def test_pixel_range_bad_input_is_one_line_naming_it():
+    for call, word in [(lambda: diffusion.to_model_range(torch.arange(3)), "images"),
+                       (lambda: diffusion.to_model_range(torch.tensor([0.5, 255.0])), "images"),
+                       (lambda: diffusion.to_model_range(torch.tensor([-0.1, 0.5])), "images"),
+                       (lambda: diffusion.to_model_range(torch.tensor([float("nan")])), "images"),
+                       (lambda: diffusion.to_uint8(torch.arange(3).to(torch.uint8)), "x")]:
+        with pytest.raises(ValueError) as error:
+            call()
+        assert str(error.value).startswith(word + ":") and "\n" not in str(error.value)
+
+
 # ------------------------------------------------------------------------------ EMA
 
 def test_ema_update_and_state_dict():
@@ -389,3 +499,7 @@ def test_ema_update_and_state_dict():
 
 def test_module_exports_the_contract():
     assert set(diffusion.MODEL_SIZES) >= {"paper", "small"}
+    assert callable(diffusion.to_model_range) and callable(diffusion.to_uint8)
+    # The schedule stays on the CPU (each step gathers its values onto the data's device), so
+    # there is no DDPM.to to call, nor a device copy of the tables to keep in step.
+    assert not hasattr(DDPM(), "to")
