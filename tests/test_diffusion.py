@@ -203,6 +203,24 @@ def test_draw_inputs_is_deterministic_for_a_seed():
 
 
 @pytest.mark.parametrize("dist", ["uniform", "noisy"])
+def test_a_cpu_generator_serves_data_on_another_device(dist):
+    # How train.py calls it: a CPU generator, the labels and the model elsewhere. "meta" stands in
+    # for a GPU here (tensors without values): everything comes back on the data's device, the
+    # generator advances exactly as for CPU data, and the schedule tables stay float64 on the CPU.
+    ddpm = DDPM(timestep_dist=dist, num_classes=3)
+    g_meta, g_cpu = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 1, 2])
+    y_in, t, noise = ddpm.draw_inputs(y.to("meta"), 2, (1, 16, 16), g_meta)
+    ddpm.draw_inputs(y, 2, (1, 16, 16), g_cpu)
+    assert {y_in.device.type, t.device.type, noise.device.type} == {"meta"}
+    assert torch.equal(g_meta.get_state(), g_cpu.get_state())
+    model = tiny_unet(num_classes=3).to("meta")
+    loss = ddpm.loss(model, torch.empty(3, 1, 16, 16, device="meta"), y_in, t, noise)
+    assert loss.device.type == "meta" and loss.shape == (3,) and loss.dtype == torch.float32
+    assert ddpm.sqrt_alphas_bar.device.type == "cpu" and ddpm.alphas_bar.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dist", ["uniform", "noisy"])
 def test_timestep_distribution_mean(dist):
     # uniform on 0..T-1: mean (T-1)/2. "noisy": P(t) proportional to t+1, so
     # E[t+1] = sum k^2 / sum k = (2T+1)/3. Tolerance: 5 standard errors.
