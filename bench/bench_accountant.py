@@ -1,5 +1,5 @@
-"""Times the accountant's two hot paths (issue 2 asks: epsilon of a two-mechanism history
-under 50 ms, one calibration under 1 s). Run: .venv/bin/python bench/bench_accountant.py"""
+"""Times the accountant's two hot paths (targets: epsilon of a two-mechanism history under
+50 ms, one calibration under 1 s). Run: .venv/bin/python bench/bench_accountant.py"""
 import os
 import sys
 import time

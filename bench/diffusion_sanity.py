@@ -1,4 +1,4 @@
-"""Sanity benchmark for diffusion.py (issue 4), before any privacy.
+"""Sanity benchmark for diffusion.py, before any privacy.
 
 Train a UNet non-privately on real MNIST for a fixed wall-clock time, sample images with given
 labels, save a PNG grid, and let a CNN trained on real MNIST label the samples. If the model,

@@ -1,25 +1,40 @@
-"""End-to-end tests of train.py on a small real MNIST subset with the tiny preset."""
+"""End-to-end tests of train.py on a small real MNIST subset with the tiny preset.
+
+They run the command line as a user would (train.main) and check what a user and an attacker
+can see: the files, the report, the progress lines, what a resume accepts, and that bad input
+is one line with exit status 2 and leaves the run folder byte for byte as it was.
+"""
+import ast
+import gzip
 import hashlib
+import inspect
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import inception
+import randomness
+import runs
 import train
 
+WEIGHTS = os.path.join(torch.hub.get_dir(), "checkpoints", inception.FID_WEIGHTS_FILE)
 
-class StopAfter(dict):
-    """Stands in for Ctrl-C: the training loop's stop flag turns True at its n-th check."""
+
+class StopAfter:
+    """Stands in for Ctrl-C: `requested` turns True at its n-th read (the loops read it once
+    per step, per sample batch and per evaluation progress line)."""
 
     def __init__(self, n):
-        super().__init__(requested=False)
-        self.checks_left = n
+        self.reads_left = n
 
-    def __getitem__(self, key):
-        self.checks_left -= 1
-        return self.checks_left < 0
+    @property
+    def requested(self):
+        self.reads_left -= 1
+        return self.reads_left < 0
 
 
 def tiny_args(mnist_dir, out, *extra):
@@ -27,14 +42,32 @@ def tiny_args(mnist_dir, out, *extra):
             "--data-dir", mnist_dir, "--out", str(out), "--device", "cpu", *extra]
 
 
+def stop_after(monkeypatch, n):
+    monkeypatch.setattr(runs, "install_ctrl_c", lambda: StopAfter(n))
+
+
 def read_report(out):
     with open(os.path.join(out, "report.json")) as f:
         return json.load(f)
 
 
-def test_every_stage_end_to_end(mnist_dir, tmp_path):
-    weights = os.path.join(torch.hub.get_dir(), "checkpoints", train.evaluate.FID_WEIGHTS_FILE)
-    fid_n = [] if os.path.exists(weights) else ["--fid-n", "0"]  # FID needs the real weights
+def folder_digest(folder):
+    """{file name: sha256} of everything in a folder: 'byte-identical' made checkable."""
+    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(folder))}
+
+
+def one_line_error(capsys, *words):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+# ------------------------------------------------------------------------- whole runs
+def test_every_stage_end_to_end(mnist_dir, tmp_path, capsys):
+    fid_n = [] if os.path.exists(WEIGHTS) else ["--fid-n", "0"]  # FID needs the real weights
     out = tmp_path / "run"
     assert train.main(tiny_args(mnist_dir, out, *fid_n)) == 0
     for name in ("central_images.png", "warmup_samples.png", "samples.png", "samples.npz",
@@ -42,98 +75,265 @@ def test_every_stage_end_to_end(mnist_dir, tmp_path):
         assert (out / name).exists(), name
     report = read_report(out)
     plan, spent = report["privacy_plan"], report["privacy_spent"]
-    # The ledger holds what really ran: both mechanisms, with the planned DP-SGD steps.
+    # The ledger holds what really ran: both mechanisms, with the planned DP-SGD steps, at the
+    # exact inclusion probabilities of the sampler.
     history = train.accountant.PrivacyLedger.from_dict(report["privacy_ledger"]).history
     assert history == [tuple(plan["central"]), (plan["dpsgd"]["q"], plan["dpsgd"]["sigma"],
                                                 plan["dpsgd"]["steps"])]
-    assert spent["eps"] <= 1.0
-    assert spent["eps"] > 0.9  # the calibration spends the budget, not far less
-    assert report["seed"] == "fixed by --seed" and "seed" not in report["args"]
+    assert plan["dpsgd"]["q"] == randomness.sampling_rate(100 / 2000)
+    assert plan["central"][0] == randomness.sampling_rate(0.1)
+    assert 0.9 < spent["eps"] <= 1.0  # the calibration spends the budget, not far less
+    assert report["seed"] == "fixed by --seed" and report["stage"] == "done"
     samples = np.load(out / "samples.npz")
     assert samples["images"].dtype == np.uint8 and samples["images"].shape == (100, 28, 28)
     assert 0.0 <= report["metrics"]["accuracy"]["test_accuracy"] <= 1.0
     if not fid_n:
         assert report["metrics"]["fid"]["n_generated"] == 50
         assert np.isfinite(report["metrics"]["fid"]["value"])
+    # Timing side channel: no rate from individual DP-SGD steps, and no DP-SGD progress line
+    # before 10 steps (a step's time grows with its secret batch size).
+    printed = capsys.readouterr().out
+    assert "images/s" not in printed
+    dpsgd_lines = [line for line in printed.splitlines() if line.startswith("[train_dpsgd]")]
+    assert dpsgd_lines and all(int(line.split()[2].split("/")[0]) >= 10 for line in dpsgd_lines)
+    assert all("loss" not in line for line in dpsgd_lines)  # unprivatised statistic
 
 
 def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(mnist_dir, tmp_path,
                                                                   monkeypatch):
     whole, pieces = tmp_path / "whole", tmp_path / "pieces"
-    assert train.main(tiny_args(mnist_dir, whole, "--fid-n", "0")) == 0
-    # Stop in the warm-up, resume, stop in DP-SGD, resume to the end.
-    for stop_at, resume in ((7, []), (30, ["--resume", str(pieces)]), (10 ** 9, ["--resume",
-                                                                                str(pieces)])):
-        monkeypatch.setattr(train, "install_ctrl_c", lambda n=stop_at: StopAfter(n))
-        rc = train.main(tiny_args(mnist_dir, pieces, "--fid-n", "0", *resume))
+    flags = ("--fid-n", "0", "--n-samples", "1100")  # three sample batches (500, 500, 100)
+    assert train.main(tiny_args(mnist_dir, whole, *flags)) == 0
+    # Stop in the warm-up (step 7 of 20), in DP-SGD, after the first sample batch (the 20
+    # warm-up and 40 DP-SGD steps read the flag once each), and in the evaluation; resume each.
+    for stop_at in (7, 23, 41, 1, 10 ** 9):
+        stop_after(monkeypatch, stop_at)
+        resume = ["--resume", str(pieces)] if (pieces / "checkpoint.pt").exists() else []
+        rc = train.main(tiny_args(mnist_dir, pieces, *flags, *resume))
         assert rc == (130 if stop_at < 10 ** 9 else 0)
-    a = torch.load(whole / "checkpoint.pt", weights_only=False)
-    b = torch.load(pieces / "checkpoint.pt", weights_only=False)
+        report, state = read_report(pieces), runs.load_checkpoint(pieces)
+        # report.json always describes the checkpoint, Ctrl-C included
+        assert report["stage"] == state["stage"] and report["privacy_ledger"] == state["ledger"]
+    a, b = runs.load_checkpoint(whole), runs.load_checkpoint(pieces)
     for weights_a, weights_b in ((a["model"], b["model"]), (a["ema"]["model"], b["ema"]["model"])):
         assert weights_a.keys() == weights_b.keys()
         for name, tensor in weights_a.items():
             assert torch.equal(tensor, weights_b[name]), name
     assert torch.equal(a["secret_rng"], b["secret_rng"])
     assert torch.equal(a["public_rng"], b["public_rng"])
-    assert a["ledger"] == b["ledger"]
+    assert a["ledger"] == b["ledger"] and a["metrics"] == b["metrics"]
     assert np.array_equal(np.load(whole / "samples.npz")["images"],
                           np.load(pieces / "samples.npz")["images"])
 
 
+def test_secret_entropy_that_agrees_in_the_low_32_bits_gives_different_central_images(
+        mnist_dir, tmp_path, monkeypatch):
+    """torch's CPU generator keeps only the low 32 bits of a manual seed. Two runs whose OS
+    entropy agrees there (and differs above) must release different central images."""
+    stop_after(monkeypatch, 0)  # stop at the first warm-up step: the central images are out
+    releases = []
+    for run, high in (("a", 1), ("b", 2)):
+        words = np.full(624, 0x9E3779B9, dtype=np.uint32)
+        words[1:] ^= np.uint32(high)
+        monkeypatch.setattr(randomness.secrets, "token_bytes", lambda n, w=words: w.tobytes()[:n])
+        monkeypatch.setattr(train.secrets, "randbits", lambda k, h=high: 0x9E3779B9 + (h << 40))
+        args = tiny_args(mnist_dir, tmp_path / run)
+        args[args.index("--seed"):args.index("--seed") + 2] = []  # the default: secret
+        assert train.main(args) == 130
+        releases.append(runs.load_checkpoint(tmp_path / run)["central"][0])
+    assert not torch.equal(releases[0], releases[1])
+
+
+# ------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("flags, word", [
-    (["--eps", "0"], "--eps"), (["--eps", "-1"], "--eps"), (["--delta", "1.5"], "--delta"),
-    (["--dataset", "imagenet"], "--dataset"), (["--batch", "0"], "--batch"),
+    (["--eps", "0"], "--eps"), (["--eps", "-1"], "--eps"), (["--eps", "abc"], "--eps"),
+    (["--eps", "0.1"], "--eps"),  # below what the central images alone spend
+    (["--delta", "1.5"], "--delta"), (["--dataset", "imagenet"], "--dataset"),
+    (["--batch", "0"], "--batch"), (["--batch", "5000"], "--batch"),
+    (["--fid-n", "1"], "--fid-n"), (["--n-samples", "1"], "--n-samples"),
+    (["--checkpoint-minutes", "0"], "--checkpoint-minutes"),
+    (["--checkpoint-minutes", "nan"], "--checkpoint-minutes"),
+    (["--device", "mps"], "--device"), (["--device", "xpu"], "--device"),
+    (["--device", "meta"], "--device"), (["--device", "gpu9"], "--device"),
+    (["--ema", "1"], "--ema"), (["--sample-steps", "1001"], "--sample-steps"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(mnist_dir, tmp_path, capsys, flags, word):
     out = tmp_path / "run"
-    assert train.main(tiny_args(mnist_dir, out) + flags) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and word in err
+    with pytest.raises(SystemExit) as exit_:  # argparse's own errors exit; ours return 2
+        raise SystemExit(train.main(tiny_args(mnist_dir, out) + flags))
+    assert exit_.value.code == 2
+    one_line_error(capsys, word)
     assert not out.exists()  # nothing written
 
 
 def test_missing_data_and_unwritable_folder(tmp_path, mnist_dir, capsys):
     assert train.main(tiny_args(str(tmp_path / "nowhere"), tmp_path / "run")) == 2
-    assert "--data-dir" in capsys.readouterr().err
+    one_line_error(capsys, "--data-dir")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     assert train.main(tiny_args(mnist_dir, blocker / "run")) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--out" in err
+    one_line_error(capsys, "--out")
 
 
-def test_resume_of_another_budget_is_refused_and_nothing_changes(mnist_dir, tmp_path,
-                                                                 monkeypatch, capsys):
+def write_idx(path, array, magic):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "label 10", "images 27x27"])
+def test_damaged_or_wrong_data_gives_one_line(mnist_dir, tmp_path, capsys, damage):
+    folder = tmp_path / "data"
+    shutil.copytree(mnist_dir, folder)
+    if damage == "flipped byte":
+        raw = bytearray((folder / "train-images-idx3-ubyte.gz").read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        (folder / "train-images-idx3-ubyte.gz").write_bytes(bytes(raw))
+    elif damage == "label 10":
+        labels = np.zeros(60000, dtype=np.uint8)
+        labels[123] = 10
+        write_idx(folder / "train-labels-idx1-ubyte.gz", labels, 2049)
+    else:
+        write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((60000, 27, 27)), 2051)
     out = tmp_path / "run"
-    monkeypatch.setattr(train, "install_ctrl_c", lambda: StopAfter(3))
+    assert train.main(tiny_args(str(folder), out, "--no-central")) == 2
+    one_line_error(capsys, "train-")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------- resume rules
+def stopped_run(mnist_dir, out, monkeypatch, stop_at=3):
+    stop_after(monkeypatch, stop_at)
     assert train.main(tiny_args(mnist_dir, out, "--fid-n", "0")) == 130
-    digest = hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest()
-    args = tiny_args(mnist_dir, out, "--resume", str(out))
-    args[args.index("--eps") + 1] = "2"
+    return folder_digest(out)
+
+
+@pytest.mark.parametrize("flag, value", [("--eps", "2"), ("--lr", "0.01"), ("--batch", "50"),
+                                         ("--no-central", None), ("--seed", "3"),
+                                         ("--preset", "cpu"), ("--device", "cuda")])
+def test_resume_refuses_other_training_settings_and_changes_nothing(
+        mnist_dir, tmp_path, monkeypatch, capsys, flag, value):
+    out = tmp_path / "run"
+    digest = stopped_run(mnist_dir, out, monkeypatch)
+    capsys.readouterr()
+    args = ["--resume", str(out), flag] + ([value] if value else [])
     assert train.main(args) == 2
-    assert "eps" in capsys.readouterr().err
-    assert hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest() == digest
-    # A new run into a folder that holds one is refused too.
-    assert train.main(tiny_args(mnist_dir, out)) == 2
+    one_line_error(capsys, flag)
+    assert folder_digest(out) == digest
+
+
+def test_resume_accepts_settings_of_stages_not_yet_run(mnist_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    stopped_run(mnist_dir, out, monkeypatch)
+    stop_after(monkeypatch, 10 ** 9)
+    assert train.main(["--resume", str(out), "--n-samples", "30", "--guidance", "0.5"]) == 0
+    assert np.load(out / "samples.npz")["images"].shape[0] == 30
+    assert read_report(out)["settings"]["guidance"] == 0.5
+    capsys.readouterr()
+    digest = folder_digest(out)
+    assert train.main(["--resume", str(out), "--n-samples", "40"]) == 2  # already sampled
+    one_line_error(capsys, "--n-samples")
+    assert folder_digest(out) == digest
+
+
+def test_a_new_run_never_overwrites_a_run(mnist_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    digest = stopped_run(mnist_dir, out, monkeypatch)
+    capsys.readouterr()
+    assert train.main(tiny_args(mnist_dir, out)) == 2  # it holds a checkpoint
+    one_line_error(capsys, "--resume")
+    # Files of a run without a checkpoint (e.g. copied results) are not overwritten either.
+    os.remove(out / "checkpoint.pt")
+    del digest["checkpoint.pt"]
+    assert train.main(tiny_args(mnist_dir, out, "--fid-n", "0")) == 2
+    one_line_error(capsys, "--overwrite")
+    assert folder_digest(out) == digest
+    stop_after(monkeypatch, 0)
+    assert train.main(tiny_args(mnist_dir, out, "--fid-n", "0", "--overwrite")) == 130
+    assert (out / "checkpoint.pt").exists()
+
+
+def damage_checkpoint(out, how):
+    path = out / "checkpoint.pt"
+    if how == "flipped bytes":  # 64 bytes in the middle of the weights
+        raw = bytearray(path.read_bytes())
+        for i in range(64):
+            raw[len(raw) // 2 + i] ^= 0x55
+        path.write_bytes(bytes(raw))
+    elif how in ("empty dict", "a list"):
+        torch.save({} if how == "empty dict" else [1, 2], path)
+    else:  # well-formed files with contents that do not fit: only a foreign writer makes these
+        state = runs.load_checkpoint(out)
+        if how == "unknown stage":
+            state["stage"] = "finetune"
+        elif how == "wrong shape":
+            state["model"]["conv_in.weight"] = torch.zeros(3, 3)
+        elif how == "wrong optimizer shape":
+            first = next(iter(state["optimizer"]["state"].values()))
+            first["exp_avg"] = torch.zeros(7)
+        elif how == "missing key":
+            del state["secret_rng"]
+        runs.save_checkpoint(out, state)
+
+
+@pytest.mark.parametrize("how", ["flipped bytes", "empty dict", "a list", "unknown stage",
+                                 "wrong shape", "wrong optimizer shape", "missing key"])
+def test_a_damaged_checkpoint_is_refused_and_the_folder_stays_byte_identical(
+        mnist_dir, tmp_path, monkeypatch, capsys, how):
+    out = tmp_path / "run"
+    stopped_run(mnist_dir, out, monkeypatch, stop_at=25)  # in DP-SGD: optimizer state exists
+    damage_checkpoint(out, how)
+    digest = folder_digest(out)
+    capsys.readouterr()
+    assert train.main(["--resume", str(out), "--data-dir", mnist_dir]) == 2
+    one_line_error(capsys, "--resume")
+    assert folder_digest(out) == digest
 
 
 def test_a_missing_weights_file_fails_early_and_loses_nothing(mnist_dir, tmp_path, capsys,
                                                               monkeypatch):
     out, bogus = tmp_path / "run", str(tmp_path / "no.pth")
     assert train.main(tiny_args(mnist_dir, out, "--inception", bogus)) == 2
-    err = capsys.readouterr().err
-    assert err.count("error:") == 1 and "no.pth" in err and "Traceback" not in err
+    one_line_error(capsys, "no.pth")
     assert not out.exists()  # it failed before anything was written
-    weights = os.path.join(torch.hub.get_dir(), "checkpoints", train.evaluate.FID_WEIGHTS_FILE)
-    if not os.path.exists(weights):
+    if not os.path.exists(WEIGHTS):
         pytest.skip("real FID weights not in the torch hub cache")
     # Weights that vanish during a run: the resume refuses to start, the run is kept.
-    monkeypatch.setattr(train, "install_ctrl_c", lambda: StopAfter(30))
-    assert train.main(tiny_args(mnist_dir, out, "--inception", weights)) == 130
-    digest = hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest()
-    assert train.main(tiny_args(mnist_dir, out, "--resume", str(out), "--inception", bogus)) == 2
+    stop_after(monkeypatch, 30)
+    assert train.main(tiny_args(mnist_dir, out, "--inception", WEIGHTS)) == 130
+    digest = folder_digest(out)
+    assert train.main(["--resume", str(out), "--inception", bogus]) == 2
     assert "no.pth" in capsys.readouterr().err
-    assert hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest() == digest
-    monkeypatch.setattr(train, "install_ctrl_c", lambda: StopAfter(10 ** 9))
-    assert train.main(tiny_args(mnist_dir, out, "--resume", str(out), "--inception", weights)) == 0
+    assert folder_digest(out) == digest
+    stop_after(monkeypatch, 10 ** 9)
+    assert train.main(["--resume", str(out), "--inception", WEIGHTS]) == 0
     assert np.isfinite(read_report(out)["metrics"]["fid"]["value"])
+
+
+# ------------------------------------------------------------------------- data flow
+def test_only_the_two_mechanisms_read_the_sensitive_set():
+    """The privacy argument in the code's shape: in train.py the sensitive arrays (loaded in
+    main) are passed only to `train`, which hands them only to release_central_images and
+    train_dpsgd; nothing else reads them. len() (N, public) is allowed in main."""
+    sensitive = {"sensitive_images", "sensitive_labels"}
+    readers = {"release_central_images", "train_dpsgd"}
+    tree = ast.parse(inspect.getsource(train))
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for function in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+        for node in ast.walk(function):
+            if not (isinstance(node, ast.Name) and node.id in sensitive) or function.name in readers:
+                continue
+            parent = parents[node]
+            if isinstance(node.ctx, ast.Store):  # main: loading the data, taking the subset
+                assert function.name == "main", (function.name, node.lineno)
+                continue
+            callee = getattr(getattr(parent, "func", None), "id", None)
+            ok = isinstance(parent, ast.Call) and (
+                callee in readers | {"train"} or (callee == "len" and function.name == "main"))
+            ok = ok or (function.name == "main" and isinstance(parent, ast.Subscript))  # subset
+            assert ok, f"{function.name} uses {node.id} at line {node.lineno}"
+    # and the two readers are the ones that get the secret generator
+    assert "secret" in inspect.signature(train.release_central_images).parameters
+    assert "secret" in inspect.signature(train.train_dpsgd).parameters
+    for stage in (train.warm_up, train.synthesize, train.evaluate_release):
+        assert not {"secret", "sensitive_images"} & set(inspect.signature(stage).parameters)

@@ -1,6 +1,6 @@
 """Benchmark of dpsgd.dp_step against a plain (non-private) training step.
 
-    python bench/dpsgd.py [--batch 256] [--draws 4] [--chunk 32] [--threads N] [--autocast] [--profile]
+    python bench/dp_step_speed.py [--batch 256] [--draws 4] [--chunk 32] [--threads N] [--autocast] [--profile]
 
 Model: the UNet the CPU preset trains (diffusion.make_unet("small", 1, 28, 10)), with the
 diffusion loss averaged over K noise draws (noise multiplicity). Inputs are random images:

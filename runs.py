@@ -1,0 +1,217 @@
+"""Run bookkeeping for train.py: the run folder, checkpoints, the report, progress and Ctrl-C.
+
+Nothing here is about privacy or diffusion; it keeps train.py about the science. The rules:
+* A file is written to `<name>.tmp` and renamed, so a crash never leaves half a file.
+* A checkpoint is one file: a header line with the SHA-256 of the rest, then torch.save's bytes.
+  A flipped byte, a truncated copy or a foreign file is refused with one line, before anything
+  in the run folder is touched; loading never executes code (weights_only).
+* report.json is rewritten with every checkpoint, so it always says what the checkpoint holds.
+* A new run never overwrites a folder that holds a run's files, unless asked to.
+* The first Ctrl-C asks the loop to checkpoint and stop at the next step boundary; a second one
+  aborts at once.
+"""
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import signal
+import time
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+REPORT = "report.json"
+# Every file a run writes; a folder holding any of them holds a run.
+RUN_FILES = (CHECKPOINT, REPORT, "central_images.png", "warmup_samples.png", "samples.png",
+             "samples.npz")
+_HEADER = b"DP-FETA checkpoint sha256="
+
+
+class StopRequested(Exception):
+    """Ctrl-C arrived; the run was checkpointed at a step boundary."""
+
+
+def atomic_write(path, write, mode="wb"):
+    """write(file) into path + '.tmp', then rename it over path."""
+    with open(path + ".tmp", mode) as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
+def prepare_folder(folder, overwrite=False):
+    """Create the run folder, refusing one that holds a run's files unless `overwrite`
+    (then those files are removed first, so old and new files never mix)."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+    found += sorted(n for n in os.listdir(folder) if n.startswith("fid_stats")) \
+        if os.path.isdir(folder) else []
+    if found and not overwrite:
+        hint = (f"continue it with --resume {folder}, " if CHECKPOINT in found else "")
+        raise ValueError(f"--out: {folder} already holds a run ({', '.join(found)}); {hint}"
+                         f"choose another --out, or pass --overwrite to replace it")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name in found:
+            os.remove(os.path.join(folder, name))
+        atomic_write(os.path.join(folder, ".writable"), lambda f: None)
+        os.remove(os.path.join(folder, ".writable"))
+    except OSError as e:
+        raise ValueError(f"--out: cannot write to {folder} ({e.strerror})") from None
+
+
+def save_checkpoint(folder, state):
+    """state (a plain dict of tensors, numbers, strings, lists and dicts) -> checkpoint.pt."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    header = _HEADER + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    atomic_write(os.path.join(folder, CHECKPOINT), lambda f: f.write(header + payload))
+
+
+def load_checkpoint(folder):
+    """The dict saved by save_checkpoint, after checking its SHA-256; one-line ValueErrors."""
+    path = os.path.join(folder, CHECKPOINT)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"--resume: no {CHECKPOINT} in {folder}") from None
+    except OSError as e:
+        raise ValueError(f"--resume: cannot read {path} ({e.strerror})") from None
+    header, _, payload = raw.partition(b"\n")
+    if not header.startswith(_HEADER):
+        raise ValueError(f"--resume: {path} is not a DP-FETA checkpoint (no header)")
+    if hashlib.sha256(payload).hexdigest().encode() != header[len(_HEADER):]:
+        raise ValueError(f"--resume: {path} is damaged (its SHA-256 does not match); "
+                         f"it cannot be resumed")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # a checksummed file that torch cannot read: a foreign writer
+        raise ValueError(f"--resume: cannot read {path} ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"--resume: {path} does not hold a checkpoint dict")
+    return state
+
+
+def write_report(folder, report):
+    atomic_write(os.path.join(folder, REPORT), lambda f: json.dump(report, f, indent=2), "w")
+
+
+def install_ctrl_c():
+    """A flag object; the first Ctrl-C sets `stop.requested`, a second one aborts at once."""
+    stop = type("Stop", (), {"requested": False})()
+
+    def handler(signum, frame):
+        if stop.requested:
+            signal.default_int_handler(signum, frame)
+        stop.requested = True
+        print("\nCtrl-C: checkpointing at the end of this step (Ctrl-C again to abort)",
+              flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+class Progress:
+    """Called after every step of a loop: a progress line every `every` seconds (never about
+    a single step: a DP-SGD step's time grows with its secret batch size, so lines start after
+    `min_steps` steps and show elapsed time and an ETA averaged over all steps so far),
+    a checkpoint every `checkpoint_minutes`, and the stop on Ctrl-C."""
+
+    def __init__(self, stage, first, total, checkpoint, stop, checkpoint_minutes, every=10.0,
+                 min_steps=10):
+        self.stage, self.first, self.total = stage, first, total
+        self.checkpoint, self.stop = checkpoint, stop
+        self.checkpoint_seconds, self.every = 60 * checkpoint_minutes, every
+        self.min_steps = min(min_steps, total - first)
+        self.started = self.last_line = self.last_save = time.time()
+
+    def __call__(self, step, describe=""):
+        """step: the number of steps done; describe: what to add to the line."""
+        now, done = time.time(), step - self.first
+        if (now - self.last_line > self.every and done >= self.min_steps) or step == self.total:
+            elapsed = now - self.started
+            eta = elapsed / max(done, 1) * (self.total - step)
+            print(f"[{self.stage}] step {step}/{self.total}{describe} | "
+                  f"{elapsed / 60:.1f} min | ETA {eta / 60:.1f} min", flush=True)
+            self.last_line = now
+        if self.stop.requested or now - self.last_save > self.checkpoint_seconds:
+            self.checkpoint(step)
+            self.last_save = now
+            if self.stop.requested:
+                raise StopRequested()
+
+
+class Run:
+    """One run's state, which is what its checkpoint holds: settings (a Config), privacy plan,
+    model, optimizer, EMA, the secret and public generators, the privacy ledger, the stage and
+    step reached, and what the stages produced so far (central images, sample batches, metrics).
+    train.py builds it (`new_run`); its stages fill it."""
+
+    def __init__(self, folder, stage_names, cfg, plan, device, model, ddpm, optimizer, ema,
+                 secret, public, seeded, ledger):
+        self.folder, self.stage_names, self.cfg, self.plan = folder, stage_names, cfg, plan
+        self.device, self.model, self.ddpm = torch.device(device), model, ddpm
+        self.optimizer, self.ema, self.secret, self.public = optimizer, ema, secret, public
+        self.seeded, self.ledger = seeded, ledger
+        self.options = dict(device=str(self.device))  # where things are: device, data, weights
+        self.stage, self.step, self.central, self.pieces = 0, 0, None, []
+        self.metrics, self.timings, self.clock = {}, {}, time.time()
+
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+    def checkpoint(self, step=None):
+        """Save the whole state, then the report that describes it."""
+        if step is not None:
+            self.step = step
+        name = self.stage_names[self.stage]
+        self.timings[name] = self.timings.get(name, 0.0) + time.time() - self.clock
+        self.clock = time.time()
+        settings = dataclasses.asdict(self.cfg)
+        save_checkpoint(self.folder, dict(
+            cfg=settings, plan=self.plan, options=self.options, seeded=self.seeded,
+            stage=name, step=self.step, ledger=self.ledger.to_dict(), central=self.central,
+            samples=self.pieces, metrics=self.metrics, timings=self.timings,
+            model=self.model.state_dict(), ema=self.ema.state_dict(),
+            optimizer=self.optimizer.state_dict(), secret_rng=self.secret.get_state(),
+            public_rng=self.public.get_state()))
+        eps, order = self.ledger.epsilon()
+        write_report(self.folder, dict(
+            settings=settings, seed="fixed by --seed" if self.seeded else "secret", stage=name,
+            privacy_plan=self.plan, privacy_ledger=self.ledger.to_dict(),
+            privacy_spent=dict(eps=eps, delta=self.cfg.delta, order=order),
+            metrics=self.metrics, timings_s=self.timings))
+
+    def restore(self, state):
+        """Load a checkpoint's state: every check and every load happens here, before anything
+        is written, so a checkpoint that does not fit leaves the run folder as it was.
+        Raises one-line ValueErrors."""
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else repr(e)
+            raise ValueError(f"--resume: the checkpoint in {self.folder} does not fit this run "
+                             f"({type(e).__name__}: {reason})") from None
+
+    def _restore(self, state):
+        if state["stage"] not in self.stage_names or type(state["step"]) is not int:
+            raise ValueError(f"unknown stage {state['stage']!r} or step {state['step']!r}")
+        self.stage, self.step = self.stage_names.index(state["stage"]), state["step"]
+        self.model.load_state_dict(state["model"])  # strict: names and shapes
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        shapes = [p.shape for p in self.model.parameters()]
+        for per_parameter in self.optimizer.state_dict()["state"].values():  # torch does not check
+            for value in per_parameter.values():
+                if value.dim() and value.shape not in shapes:
+                    raise ValueError(f"optimizer state of shape {tuple(value.shape)}")
+        self.secret.set_state(state["secret_rng"])
+        self.public.set_state(state["public_rng"])
+        self.ledger = type(self.ledger).from_dict(state["ledger"])
+        self.central, self.pieces = state["central"], [tuple(p) for p in state["samples"]]
+        shape = (self.model.in_channels, self.model.image_size, self.model.image_size)
+        for images, labels in ([self.central] if self.central else []) + self.pieces:
+            if tuple(images.shape[1:]) != shape or labels.shape != images.shape[:1]:
+                raise ValueError(f"stored images of shape {tuple(images.shape)}")
+        self.seeded, self.metrics, self.timings = state["seeded"], state["metrics"], state["timings"]
