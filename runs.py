@@ -113,32 +113,37 @@ def install_ctrl_c():
 
 
 class Progress:
-    """Called after every step of a loop: a progress line every `every` seconds (never about
-    a single step: a DP-SGD step's time grows with its secret batch size, so lines start after
-    `min_steps` steps and show elapsed time and an ETA averaged over all steps so far),
-    a checkpoint every `checkpoint_minutes`, and the stop on Ctrl-C."""
+    """Called after every step of a loop: a progress line every `every` seconds and at the end,
+    a checkpoint every `checkpoint_minutes`, and the stop on Ctrl-C. Lines show elapsed time
+    and an ETA averaged over all steps so far, and only once `min_steps` steps are done: a
+    DP-SGD step's time grows with its secret batch size, so no line may time a single one."""
 
     def __init__(self, stage, first, total, checkpoint, stop, checkpoint_minutes, every=10.0,
                  min_steps=10):
         self.stage, self.first, self.total = stage, first, total
         self.checkpoint, self.stop = checkpoint, stop
         self.checkpoint_seconds, self.every = 60 * checkpoint_minutes, every
-        self.min_steps = min(min_steps, total - first)
+        self.min_steps = min_steps
         self.started = self.last_line = self.last_save = time.time()
 
     def __call__(self, step, describe=""):
-        """step: the number of steps done; describe: what to add to the line."""
+        """step: the number of steps done; describe: what to add to the line (or a function
+        that returns it, called only when a line is printed)."""
         now, done = time.time(), step - self.first
-        if (now - self.last_line > self.every and done >= self.min_steps) or step == self.total:
+        if (now - self.last_line > self.every or step == self.total) and done >= self.min_steps:
             elapsed = now - self.started
             eta = elapsed / max(done, 1) * (self.total - step)
+            describe = describe() if callable(describe) else describe
             print(f"[{self.stage}] step {step}/{self.total}{describe} | "
                   f"{elapsed / 60:.1f} min | ETA {eta / 60:.1f} min", flush=True)
             self.last_line = now
-        if self.stop.requested or now - self.last_save > self.checkpoint_seconds:
+        # The flag is read once per step: with several processes (distributed.py) each read
+        # is a collective that all of them make together.
+        stop = self.stop.requested
+        if stop or now - self.last_save > self.checkpoint_seconds:
             self.checkpoint(step)
             self.last_save = now
-            if self.stop.requested:
+            if stop:
                 raise StopRequested()
 
 
@@ -155,6 +160,7 @@ class Run:
         self.optimizer, self.ema, self.secret, self.public = optimizer, ema, secret, public
         self.seeded, self.ledger = seeded, ledger
         self.options = dict(device=str(self.device))  # where things are: device, data, weights
+        self.writes = True  # False on all but one of the processes of a distributed run
         self.stage, self.step, self.central, self.pieces = 0, 0, None, []
         self.metrics, self.timings, self.clock = {}, {}, time.time()
 
@@ -165,6 +171,8 @@ class Run:
         """Save the whole state, then the report that describes it."""
         if step is not None:
             self.step = step
+        if not self.writes:
+            return
         name = self.stage_names[self.stage]
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - self.clock
         self.clock = time.time()

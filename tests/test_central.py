@@ -240,3 +240,15 @@ def test_geometric_conventions_against_exact_transforms():
                for s in (2, -2))
     # photometric ops leave the geometry alone
     assert torch.equal(central._geometric(x, op("brightness"), level), x)
+
+
+def test_command_line_releases_with_a_secret_generator_unless_seeded(mnist_dir, tmp_path):
+    """`python central.py` must not fall back to a fixed seed: two default runs release
+    different central images; --seed (testing only) makes them equal."""
+    def release(name, *seed):
+        central.main(["--data-dir", mnist_dir, "--out", str(tmp_path / name), "--queries", "1",
+                      *seed])
+        return (tmp_path / name / "central.png").read_bytes()
+
+    assert release("a") != release("b")
+    assert release("c", "--seed", "3") == release("d", "--seed", "3")

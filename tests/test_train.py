@@ -97,6 +97,7 @@ def test_every_stage_end_to_end(mnist_dir, tmp_path, capsys):
     dpsgd_lines = [line for line in printed.splitlines() if line.startswith("[train_dpsgd]")]
     assert dpsgd_lines and all(int(line.split()[2].split("/")[0]) >= 10 for line in dpsgd_lines)
     assert all("loss" not in line for line in dpsgd_lines)  # unprivatised statistic
+    assert all(" | eps spent 0." in line for line in dpsgd_lines)  # accounted, shown
 
 
 def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(mnist_dir, tmp_path,
@@ -202,29 +203,38 @@ def test_damaged_or_wrong_data_gives_one_line(mnist_dir, tmp_path, capsys, damag
 
 
 # ------------------------------------------------------------------------- resume rules
-def stopped_run(mnist_dir, out, monkeypatch, stop_at=3):
-    stop_after(monkeypatch, stop_at)
-    assert train.main(tiny_args(mnist_dir, out, "--fid-n", "0")) == 130
-    return folder_digest(out)
+@pytest.fixture(scope="module")
+def stopped_in_dpsgd(mnist_dir, tmp_path_factory):
+    """One run stopped by Ctrl-C in DP-SGD (20 warm-up steps, then 5 of 40 DP-SGD steps);
+    each test works on its own copy."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        stop_after(patch, 25)
+        assert train.main(tiny_args(mnist_dir, out, "--fid-n", "0")) == 130
+    return out
+
+
+def stopped_run(stopped_in_dpsgd, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_in_dpsgd, out)
+    return out, folder_digest(out)
 
 
 @pytest.mark.parametrize("flag, value", [("--eps", "2"), ("--lr", "0.01"), ("--batch", "50"),
                                          ("--no-central", None), ("--seed", "3"),
                                          ("--preset", "cpu"), ("--device", "cuda")])
 def test_resume_refuses_other_training_settings_and_changes_nothing(
-        mnist_dir, tmp_path, monkeypatch, capsys, flag, value):
-    out = tmp_path / "run"
-    digest = stopped_run(mnist_dir, out, monkeypatch)
-    capsys.readouterr()
+        stopped_in_dpsgd, tmp_path, capsys, flag, value):
+    out, digest = stopped_run(stopped_in_dpsgd, tmp_path)
     args = ["--resume", str(out), flag] + ([value] if value else [])
     assert train.main(args) == 2
     one_line_error(capsys, flag)
     assert folder_digest(out) == digest
 
 
-def test_resume_accepts_settings_of_stages_not_yet_run(mnist_dir, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    stopped_run(mnist_dir, out, monkeypatch)
+def test_resume_accepts_settings_of_stages_not_yet_run(stopped_in_dpsgd, tmp_path, monkeypatch,
+                                                       capsys):
+    out, _ = stopped_run(stopped_in_dpsgd, tmp_path)
     stop_after(monkeypatch, 10 ** 9)
     assert train.main(["--resume", str(out), "--n-samples", "30", "--guidance", "0.5"]) == 0
     assert np.load(out / "samples.npz")["images"].shape[0] == 30
@@ -236,10 +246,9 @@ def test_resume_accepts_settings_of_stages_not_yet_run(mnist_dir, tmp_path, monk
     assert folder_digest(out) == digest
 
 
-def test_a_new_run_never_overwrites_a_run(mnist_dir, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    digest = stopped_run(mnist_dir, out, monkeypatch)
-    capsys.readouterr()
+def test_a_new_run_never_overwrites_a_run(mnist_dir, stopped_in_dpsgd, tmp_path, monkeypatch,
+                                          capsys):
+    out, digest = stopped_run(stopped_in_dpsgd, tmp_path)
     assert train.main(tiny_args(mnist_dir, out)) == 2  # it holds a checkpoint
     one_line_error(capsys, "--resume")
     # Files of a run without a checkpoint (e.g. copied results) are not overwritten either.
@@ -279,12 +288,10 @@ def damage_checkpoint(out, how):
 @pytest.mark.parametrize("how", ["flipped bytes", "empty dict", "a list", "unknown stage",
                                  "wrong shape", "wrong optimizer shape", "missing key"])
 def test_a_damaged_checkpoint_is_refused_and_the_folder_stays_byte_identical(
-        mnist_dir, tmp_path, monkeypatch, capsys, how):
-    out = tmp_path / "run"
-    stopped_run(mnist_dir, out, monkeypatch, stop_at=25)  # in DP-SGD: optimizer state exists
+        mnist_dir, stopped_in_dpsgd, tmp_path, capsys, how):
+    out, _ = stopped_run(stopped_in_dpsgd, tmp_path)  # in DP-SGD: optimizer state exists
     damage_checkpoint(out, how)
     digest = folder_digest(out)
-    capsys.readouterr()
     assert train.main(["--resume", str(out), "--data-dir", mnist_dir]) == 2
     one_line_error(capsys, "--resume")
     assert folder_digest(out) == digest
