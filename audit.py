@@ -6,16 +6,16 @@ a LOWER bound on epsilon from the code as it runs. If the lower bound exceeds th
 code or the proof is wrong. An audit cannot prove that the guarantee holds (a lower bound below
 the claim is merely consistent with it), but it does catch bugs such as lost noise or clipping.
 
-The audit is Algorithm 1 of Steinke, Nasr and Jagielski, "Privacy Auditing with One (1) Training
-Run" (NeurIPS 2023, arXiv:2305.08846):
+The audit is the one-run auditor of Steinke, Nasr and Jagielski, "Privacy Auditing with One (1)
+Training Run" (NeurIPS 2023, arXiv:2305.08846):
   1. m canaries, each put in the dataset independently with probability 1/2 (a coin flip S_i).
   2. ONE run of the real mechanism on that dataset.
   3. A score per canary, computed from the output; guess "in" for the k+ highest scores and
      "out" for the k- lowest, abstain on the rest. v of the r = k+ + k- guesses are right.
   4. If the mechanism is (eps, delta)-DP, v is unlikely to be much larger than for randomized
      response with that eps, whose guesses are right with probability p = e^eps / (1 + e^eps).
-     Their theorem for (eps, delta)-DP (Section 5; Corollary 5.4 in arXiv v1; the p-value as
-     computed in their Appendix D):
+     Their bound for (eps, delta)-DP (the approximate-DP case of their main theorem, as in the
+     p-value function given with the paper):
        P[v or more right] <= P[Bin(r, p) >= v] + 2 m delta max_{i=1..v} P[v-i <= Bin(r, p) < v] / i.
      The largest eps whose p-value stays below `level` (0.05) is the lower bound: with 95 %
      confidence the mechanism is not (eps, delta)-DP for that eps, nor for any smaller one.
