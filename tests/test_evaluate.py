@@ -16,9 +16,10 @@ import torch
 
 import data
 import evaluate
+import inception
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REAL_WEIGHTS = os.path.join(torch.hub.get_dir(), "checkpoints", evaluate.FID_WEIGHTS_FILE)
+REAL_WEIGHTS = os.path.join(torch.hub.get_dir(), "checkpoints", inception.FID_WEIGHTS_FILE)
 needs_real_weights = pytest.mark.skipif(
     not os.path.isfile(REAL_WEIGHTS),
     reason=f"no FID Inception weights at {REAL_WEIGHTS} (../shared/tools/get-inception-weights)")
@@ -61,7 +62,7 @@ def random_weights(tmp_path_factory):
 
 def test_state_dict_layout_is_pytorch_fids():
     ours = [(k, tuple(v.shape), str(v.dtype).replace("torch.", ""))
-            for k, v in evaluate.FIDInception().state_dict().items()]
+            for k, v in inception.FIDInception().state_dict().items()]
     theirs = pytorch_fid_layout()
     assert len(theirs) == 566
     assert ours == theirs
@@ -69,7 +70,7 @@ def test_state_dict_layout_is_pytorch_fids():
 
 def test_loads_random_weights_in_pytorch_fid_layout(random_weights):
     path, state = random_weights
-    model = evaluate.load_inception(path, "cpu")
+    model = inception.load_inception(path, "cpu")
     loaded = model.state_dict()
     assert set(loaded) == set(state)
     for key in state:
@@ -87,8 +88,8 @@ def one_line_error(excinfo, *needles):
 
 def test_missing_weights_file_gives_one_clear_line(tmp_path):
     path = str(tmp_path / "nowhere.pth")
-    with pytest.raises(evaluate.WeightsError) as e:
-        evaluate.load_inception(path)
+    with pytest.raises(inception.WeightsError) as e:
+        inception.load_inception(path)
     one_line_error(e, path, "not found")
 
 
@@ -102,8 +103,8 @@ def test_default_source_offline_gives_one_clear_line(tmp_path, monkeypatch):
         asked.append(url)
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(evaluate.WeightsError) as e:
-        evaluate.load_inception()
+    with pytest.raises(inception.WeightsError) as e:
+        inception.load_inception()
     assert asked == ["https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                      "pt_inception-2015-12-05-6726825d.pth"]  # pytorch-fid's FID_WEIGHTS_URL
     hub_file = tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
@@ -114,12 +115,12 @@ def test_truncated_weights_file_gives_one_clear_line(random_weights, tmp_path):
     blob = open(random_weights[0], "rb").read()
     path = tmp_path / "truncated.pth"
     path.write_bytes(blob[:len(blob) // 2])
-    with pytest.raises(evaluate.WeightsError) as e:
-        evaluate.load_inception(str(path))
-    one_line_error(e, str(path), evaluate.FID_WEIGHTS_FILE)
+    with pytest.raises(inception.WeightsError) as e:
+        inception.load_inception(str(path))
+    one_line_error(e, str(path), inception.FID_WEIGHTS_FILE)
     path.write_text("not a torch file\n")
-    with pytest.raises(evaluate.WeightsError) as e:
-        evaluate.load_inception(str(path))
+    with pytest.raises(inception.WeightsError) as e:
+        inception.load_inception(str(path))
     one_line_error(e, str(path))
 
 
@@ -129,13 +130,13 @@ def test_wrong_state_dict_gives_one_clear_line(random_weights, tmp_path):
     state["AuxLogits.fc.weight"] = torch.zeros(1008, 768)
     path = str(tmp_path / "wrong.pth")
     torch.save(state, path)
-    with pytest.raises(evaluate.WeightsError) as e:
-        evaluate.load_inception(path)
+    with pytest.raises(inception.WeightsError) as e:
+        inception.load_inception(path)
     one_line_error(e, path, "2 key problem(s)", "missing Mixed_7c.branch_pool.conv.weight")
     state = dict(random_weights[1], **{"fc.weight": torch.zeros(1000, 2048)})
     torch.save(state, path)
-    with pytest.raises(evaluate.WeightsError) as e:
-        evaluate.load_inception(path)
+    with pytest.raises(inception.WeightsError) as e:
+        inception.load_inception(path)
     one_line_error(e, path, "1 key problem(s)", "wrong shape fc.weight")
 
 
