@@ -4,8 +4,9 @@
 [N]. The files are read from `data_dir` when given (e.g. ../shared/data/mnist), else from
 ./data/<name>, downloading them there first when they are missing. Downloads are checked
 against the publishers' MD5 sums; every file is checked for its format (magic number, shape,
-length) when read, so a corrupt or truncated file gives one clear `DataError` line instead of
-a traceback or, worse, silently wrong images.
+length, compressed-stream CRC) and its contents (image shape, labels in 0..K-1) when read, so a
+corrupt or truncated file gives one clear `DataError` line instead of a traceback or, worse,
+silently wrong images.
 """
 import gzip
 import hashlib
@@ -14,6 +15,7 @@ import pickle
 import struct
 import tarfile
 import urllib.request
+import zlib
 
 import numpy as np
 import torch
@@ -65,12 +67,27 @@ def load(name, split="train", data_dir=None):
     (image_file, image_md5), (label_file, label_md5) = _IDX_FILES[name][split]
     image_path = _find_or_download(name, folder, image_file, image_md5, data_dir is None)
     label_path = _find_or_download(name, folder, label_file, label_md5, data_dir is None)
-    images = _read_idx(image_path, magic=2051)
+    images = _read_idx(image_path, magic=2051)[:, None]  # N x H x W -> N x 1 x H x W
     labels = _read_idx(label_path, magic=2049)
+    _check_contents(name, images, labels, image_path, label_path)
+    return torch.from_numpy(images), torch.from_numpy(labels).long()
+
+
+def _check_contents(name, images, labels, image_source, label_source):
+    """One DataError naming the file unless the images have the dataset's shape (C, H, W) and
+    there is one label in 0..K-1 per image: a file of the right format can still hold another
+    dataset, or damage that the format checks cannot see."""
+    info = INFO[name]
+    expected = (info["channels"], info["size"], info["size"])
+    if images.shape[1:] != expected:
+        raise DataError(f"{image_source} holds images of shape {images.shape[1:]} (C, H, W), "
+                        f"expected {expected} for {name}")
     if len(images) != len(labels):
-        raise DataError(f"{image_path} has {len(images)} images but {label_path} has "
+        raise DataError(f"{image_source} has {len(images)} images but {label_source} has "
                         f"{len(labels)} labels")
-    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
+    if len(labels) and not 0 <= labels.min() <= labels.max() < info["classes"]:
+        raise DataError(f"{label_source} has labels in {labels.min()}..{labels.max()}, "
+                        f"expected 0..{info['classes'] - 1} for {name}")
 
 
 def _read_idx(path, magic):
@@ -78,7 +95,9 @@ def _read_idx(path, magic):
     try:
         with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:  # gzip raises these on truncated or non-gzip files
+    # gzip raises OSError on a non-gzip file or a CRC mismatch, EOFError on a truncated one and
+    # zlib.error on a damaged compressed stream.
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e} (corrupt or truncated file?)") from None
     ndim = magic - 2048
     if len(raw) < 4 + 4 * ndim or struct.unpack(">I", raw[:4])[0] != magic:
@@ -97,16 +116,27 @@ def _load_cifar10(folder, split, download):
     members = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
     try:
-        with tarfile.open(archive, "r:gz") as tar:
+        with gzip.open(archive, "rb") as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
             for member in members:
                 # The official archive is a set of Python pickles; we only open the file
                 # whose MD5 or layout we checked, and only read arrays from it.
                 batch = pickle.load(tar.extractfile(f"cifar-10-batches-py/{member}"),
                                     encoding="bytes")
-                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                source = f"{archive} ({member})"
+                pixels = np.asarray(batch[b"data"], dtype=np.uint8)
+                if pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
+                    # reshape(-1, 3, 32, 32) would silently regroup rows of another width
+                    raise DataError(f"{source} holds rows of shape {pixels.shape[1:]}, "
+                                    f"expected (3072,) for cifar10")
+                images.append(pixels.reshape(-1, 3, 32, 32))
                 labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+                _check_contents("cifar10", images[-1], labels[-1], source, source)
+            # tarfile stops at its end-of-archive marker, before gzip's CRC at the very end:
+            # read to the end, so that a damaged archive cannot pass as good data.
+            while stream.read(1 << 20):
+                pass
     except (OSError, EOFError, KeyError, tarfile.TarError, pickle.UnpicklingError,
-            ValueError) as e:
+            ValueError, zlib.error) as e:
         raise DataError(f"cannot read {archive}: {e} (corrupt or truncated file?)") from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
