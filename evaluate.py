@@ -6,31 +6,35 @@ features (2048-d) of two image sets:
 
     FID = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
 
-The numbers are only comparable with the field's if the network and preprocessing are the
-standard ones, so the network is pytorch-fid's port of the TensorFlow 2015-12-05 Inception-v3
-(inception.py) and images are preprocessed as pytorch-fid does: uint8 -> [0, 1], grayscale
-repeated to 3 channels, bilinear resize to 299x299, scaled to [-1, 1]. (Such FIDs compare with
-pytorch-fid's and DPImageBench's, not with TF-FID or clean-fid figures, which resize
-differently.)
+This module goes images -> features -> statistics -> distance, and `fid` is the one entry
+point that both its command line and train.py call. The numbers are only comparable with the
+field's if the network and preprocessing are the standard ones, so the network is pytorch-fid's
+port of the TensorFlow 2015-12-05 Inception-v3 (inception.py) and images are preprocessed as
+pytorch-fid does: uint8 -> [0, 1], grayscale repeated to 3 channels, bilinear resize to
+299x299, scaled to [-1, 1]. (Such FIDs compare with pytorch-fid's and DPImageBench's, not with
+TF-FID or clean-fid figures, which resize differently.)
 
 Accuracy (paper section 4): a small CNN trained *only* on synthetic images, its epoch chosen
 on a held-out part of the synthetic set (never on the test set), tested on the real test set.
 
 CLI: python evaluate.py SAMPLES.npz --dataset mnist [--data-dir D] [--n N] [--inception PATH]
-prints both numbers and writes them to SAMPLES.eval.json.
+prints both numbers and writes them to SAMPLES.eval.json. Bad input (a corrupt file, labels
+that do not fit, an unusable device or output path) is reported in one line, exit status 2,
+before any minutes are spent on Inception features or the classifier.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
-import warnings
+import zipfile
+import zlib
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import linalg
 
 import data
 from inception import WeightsError, load_inception
@@ -106,59 +110,132 @@ def feature_statistics(features):
     return mu, sigma / (n - 1)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) between N(mu1, S1) and N(mu2, S2)."""
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between N(mu1, S1) and N(mu2, S2).
+
+    Only the trace of (S1 S2)^(1/2) is needed: the sum of the square roots of the eigenvalues
+    of S1 S2, which are those of the symmetric matrix S1^(1/2) S2 S1^(1/2). Two symmetric
+    eigendecompositions give it in seconds for 2048 x 2048, and exactly (the eigenvalues are
+    real and >= 0 for covariance matrices), where pytorch-fid's general matrix square root
+    (scipy.linalg.sqrtm) is slower, leaves imaginary round-off to drop, and took minutes in
+    recent scipy versions. The result agrees with pytorch-fid's to its rounding."""
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        # With fewer images than dimensions (2048) the product is always singular and scipy
-        # warns; the result is still accurate unless non-finite, which is checked for.
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            # The standard fix: a tiny ridge on both covariances makes the root well defined.
-            offset = eps * np.eye(len(sigma1))
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # sqrt of a product of PSD matrices has a real spectrum; rounding can leave small
-        # imaginary parts, which we drop. Large ones mean the statistics are broken.
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: matrix square root has a large imaginary component "
-                             f"({np.abs(covmean.imag).max():.3g}); are the statistics valid?")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    values, vectors = _covariance_eigh(sigma1, "first")
+    root1 = (vectors * np.sqrt(values)) @ vectors.T           # S1^(1/2)
+    middle, _ = _covariance_eigh(root1 @ sigma2 @ root1, "product of the")
+    trace_sqrt = np.sqrt(middle).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
-def fid(images_a, images_b, batch_size=50, device=None, weights=None, progress=_stderr):
-    """FID between two image sets (uint8 arrays as in `as_uint8_images`)."""
+def _covariance_eigh(matrix, which):
+    """Eigenvalues (clipped at 0) and eigenvectors of a symmetric PSD matrix; round-off may make
+    tiny eigenvalues negative, a clearly negative one means the statistics are broken."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    if values.min() < -1e-6 * max(abs(values).max(), 1e-30):
+        raise ValueError(f"FID: the {which} covariance statistics are not positive "
+                         f"semi-definite (eigenvalue {values.min():.3g}); are they valid?")
+    return values.clip(min=0), vectors
+
+
+def fid(generated, reference, device=None, weights=None, model=None, reference_cache=None,
+        batch_size=50, progress=_stderr):
+    """FID between `generated` and `reference` images (uint8 arrays as in `as_uint8_images`).
+
+    `model` is a loaded FIDInception (without it, the file `weights` is loaded, by default
+    pytorch-fid's). `reference_cache`, an .npz path, keeps the reference side's statistics
+    across calls, since the same real images are usually embedded again and again (see
+    `reference_stats`). The reference side is done first, so a refused cache costs nothing."""
     device = device or _default_device()
-    model = load_inception(weights, device)
-    stats = [feature_statistics(inception_features(images, batch_size, device, model=model,
-                                                   progress=progress))
-             for images in (images_a, images_b)]
-    return frechet_distance(*stats[0], *stats[1])
+    generated = as_uint8_images(generated)  # a bad layout fails now, not after the reference
+    if model is None:
+        model = load_inception(weights, device)
+    mu_ref, sigma_ref = reference_stats(reference, reference_cache, device, model=model,
+                                        batch_size=batch_size, progress=progress)
+    mu, sigma = feature_statistics(inception_features(generated, batch_size, device,
+                                                      model=model, progress=progress))
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
-def reference_stats(dataset, images, cache_dir, data_dir=None, batch_size=50, device=None,
-                    weights=None, model=None, progress=_stderr):
-    """(mu, sigma) of the first `images` training images of `dataset` (None: all), cached in
-    cache_dir/fid_stats_<dataset>_train_<count>.npz so the real side is embedded only once.
-    The cache assumes the standard weights: use another cache_dir for any other file."""
-    train_images, _ = data.load(dataset, "train", data_dir)
-    count = len(train_images) if images is None else images
-    if not 2 <= count <= len(train_images):
-        raise ValueError(f"images: need 2..{len(train_images)} {dataset} training images, "
-                         f"got {count}")
-    path = os.path.join(cache_dir, f"fid_stats_{dataset}_train_{count}.npz")
-    if os.path.exists(path):
-        with np.load(path) as cached:
-            return cached["mu"], cached["sigma"]
-    features = inception_features(train_images[:count], batch_size, device, weights, model,
-                                  progress)
-    mu, sigma = feature_statistics(features)
-    os.makedirs(cache_dir, exist_ok=True)
-    np.savez(path + ".part.npz", mu=mu, sigma=sigma)
-    os.replace(path + ".part.npz", path)  # atomic: an interrupted run leaves no bad cache
+def reference_stats(images, cache_path=None, device=None, weights=None, model=None,
+                    batch_size=50, progress=_stderr):
+    """(mu, sigma) of the Inception features of `images`, kept in the .npz file `cache_path`
+    when given: read from it if it exists, else computed and written to it.
+
+    A cache is used only for the very images it describes: it records their count and a
+    sha256 of their pixels, and a cache of other images is refused with a ValueError (a wrong
+    FID would be silent). It is written atomically, so an interrupted run leaves no bad cache.
+    It assumes the standard weights: use another path for any other file. The statistics
+    describe the real images, so keep the cache as private as they are."""
+    images = as_uint8_images(images)
+    if cache_path is None:
+        return feature_statistics(inception_features(images, batch_size, device, weights,
+                                                     model, progress))
+    fingerprint = _sha256_of_images(images)
+    if os.path.exists(cache_path):
+        cached = _read_npz(cache_path, ("mu", "sigma", "count", "images_sha256"),
+                           "FID reference cache", "delete it to recompute it")
+        if int(cached["count"]) != len(images):
+            raise ValueError(f"FID reference cache {cache_path} describes {int(cached['count'])} "
+                             f"images, not {len(images)}: delete it or use another path")
+        if str(cached["images_sha256"]) != fingerprint:
+            raise ValueError(f"FID reference cache {cache_path} describes other images than "
+                             f"these {len(images)} (their sha256 differs): delete it or use "
+                             f"another path")
+        return cached["mu"], cached["sigma"]
+    os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
+    _check_writable(cache_path)  # fail now, not after minutes of features
+    mu, sigma = feature_statistics(inception_features(images, batch_size, device, weights,
+                                                      model, progress))
+    with open(cache_path + ".part", "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, count=len(images), images_sha256=fingerprint)
+    os.replace(cache_path + ".part", cache_path)
     return mu, sigma
+
+
+def _sha256_of_images(images):
+    """Hex sha256 of uint8 [N, C, H, W] images, shape included: which images a cache describes."""
+    digest = hashlib.sha256(str(tuple(images.shape)).encode())
+    digest.update(images.contiguous().numpy())
+    return digest.hexdigest()
+
+
+def _read_npz(path, keys, what, hint):
+    """The arrays `keys` of the .npz file `path` as a dict; if it is missing, corrupt,
+    truncated or lacks one of them, one ValueError line that starts with `what`."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{what}: {path} not found")
+    try:
+        archive = np.load(path)  # allow_pickle=False: only plain arrays, never code
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with archive:
+            # Members are read lazily, and a damaged one (bad CRC, truncated data) only
+            # raises when read: so the reading happens here, inside the try.
+            missing = [key for key in keys if key not in archive.files]
+            arrays = {key: archive[key] for key in keys if key not in missing}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{what}: cannot read {path}: {_first_line(e)} ({hint})") from None
+    if missing:
+        raise ValueError(f"{what}: {path} has no array {', '.join(map(repr, missing))} "
+                         f"({hint})")
+    return arrays
+
+
+def _check_writable(path):
+    """Raise a one-line OSError now if `path` cannot be written; leave the file system as it
+    was (a missing file is created and removed again, an existing one is not changed)."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):  # append mode creates a missing file and never truncates one
+            pass
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or _first_line(e)}") from None
+    if not existed:
+        os.remove(path)
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +276,8 @@ def classifier_accuracy(train_images, train_labels, test_images, test_labels, nu
     The official code trains 50 epochs with Adam at lr 3e-4; the defaults here (10 epochs at
     1e-3) keep a few thousand images to about a minute on a CPU. Returns a dict with
     test_accuracy, val_accuracy, best_epoch, epochs, n_train, n_val, n_test."""
+    if epochs < 1:
+        raise ValueError(f"epochs: need at least 1, got {epochs}")
     device = device or _default_device()
     train_images, test_images = as_uint8_images(train_images), as_uint8_images(test_images)
     train_labels = torch.as_tensor(train_labels).long()
@@ -251,8 +330,59 @@ def classifier_accuracy(train_images, train_labels, test_images, test_labels, nu
 
 # ---------------------------------------------------------------------------------------------
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument (e.g. `--n abc`) in one line, not the whole usage
+    block, with exit status 2 as argparse does."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _check_device(name):
+    """The torch.device called `name` (None: cuda when available, else cpu) if this machine
+    has it, else one ValueError line."""
+    if name is None:
+        return torch.device(_default_device())
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's own message lists a dozen exotic device types
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device: expected cpu, cuda, cuda:N or mps, got '{name}'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here (try --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here (try --device cpu)")
+    return device
+
+
+def _read_samples(path, dataset):
+    """Images (uint8 [N, C, H, W]) and labels (int64 [N]) of a samples .npz, checked to fit
+    `dataset`: one ValueError line otherwise."""
+    arrays = _read_npz(path, ("images", "labels"), "samples", "corrupt or truncated file?")
+    images, labels = as_uint8_images(arrays["images"]), arrays["labels"]
+    info = data.INFO[dataset]
+    if tuple(images.shape[1:]) != (info["channels"], info["size"], info["size"]):
+        raise ValueError(f"samples: images of shape {tuple(images.shape[1:])} (C, H, W) do "
+                         f"not match {dataset}")
+    # A float label such as 2.7 would be truncated to a class without a word, so refuse it.
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:
+        raise ValueError(f"samples: labels must be integers, one per image; got "
+                         f"{labels.dtype} of shape {labels.shape}")
+    if len(labels) != len(images):
+        raise ValueError(f"samples: {len(images)} images but {len(labels)} labels")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < info["classes"]:
+        raise ValueError(f"samples: labels must lie in 0..{info['classes'] - 1} for {dataset}, "
+                         f"found {labels.min()}..{labels.max()}")
+    return images, torch.from_numpy(labels).long()
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="FID and accuracy of synthetic images.")
+    parser = _OneLineParser(prog="evaluate.py",
+                            description="FID and accuracy of synthetic images.")
     parser.add_argument("samples", help=".npz with 'images' (uint8 NxHxW or NxHxWxC), 'labels'")
     parser.add_argument("--dataset", required=True, choices=sorted(data.INFO))
     parser.add_argument("--data-dir", default=None, help="folder with the dataset's files")
@@ -267,36 +397,37 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
+    out = os.path.splitext(args.samples)[0] + ".eval.json"
     try:
-        with np.load(args.samples) as npz:
-            if "images" not in npz or "labels" not in npz:
-                raise ValueError(f"samples: {args.samples} needs arrays 'images' and 'labels'")
-            images, labels = as_uint8_images(npz["images"]), torch.from_numpy(npz["labels"])
-        info = data.INFO[args.dataset]
-        if tuple(images.shape[1:]) != (info["channels"], info["size"], info["size"]):
-            raise ValueError(f"samples: images of shape {tuple(images.shape[1:])} (C, H, W) do "
-                             f"not match {args.dataset}")
+        # Everything that can be checked in seconds is checked first: an error should never
+        # come after minutes of Inception features or classifier training.
+        if args.epochs < 1:
+            raise ValueError(f"--epochs: need at least 1, got {args.epochs}")
+        device = _check_device(args.device)
+        images, labels = _read_samples(args.samples, args.dataset)
         n = len(images) if args.n is None else args.n
         if not 2 <= n <= len(images):
             raise ValueError(f"--n: need 2..{len(images)} (the number of samples), got {n}")
-        model = load_inception(args.inception, args.device or _default_device())
-        mu_ref, sigma_ref = reference_stats(args.dataset, n, args.cache_dir, args.data_dir,
-                                            device=args.device, model=model)
-        mu, sigma = feature_statistics(inception_features(images[:n], device=args.device,
-                                                          model=model))
-        fid_value = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        _check_writable(out)
+        model = load_inception(args.inception, device)
+        train_images, _ = data.load(args.dataset, "train", args.data_dir)
         test_images, test_labels = data.load(args.dataset, "test", args.data_dir)
+        if n > len(train_images):
+            raise ValueError(f"--n: {args.dataset} has {len(train_images)} training images, "
+                             f"got {n}")
+        cache = os.path.join(args.cache_dir, f"fid_stats_{args.dataset}_train_{n}.npz")
+        fid_value = fid(images[:n], train_images[:n], device, model=model,
+                        reference_cache=cache)
         accuracy = classifier_accuracy(images, labels, test_images, test_labels,
-                                       info["classes"], epochs=args.epochs, seed=args.seed,
-                                       device=args.device)
+                                       data.INFO[args.dataset]["classes"], epochs=args.epochs,
+                                       seed=args.seed, device=device)
+        result = dict(samples=args.samples, dataset=args.dataset, fid=fid_value, fid_images=n,
+                      accuracy=accuracy["test_accuracy"], classifier=accuracy)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
     except (WeightsError, ValueError, data.DataError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
-    result = dict(samples=args.samples, dataset=args.dataset, fid=fid_value, fid_images=n,
-                  accuracy=accuracy["test_accuracy"], classifier=accuracy)
-    out = os.path.splitext(args.samples)[0] + ".eval.json"
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
     print(f"FID {fid_value:.4f} ({n} samples vs {n} {args.dataset} training images); "
           f"accuracy {accuracy['test_accuracy']:.4f} (epoch {accuracy['best_epoch']}); "
           f"wrote {out}")

@@ -1,16 +1,17 @@
-"""Tests of evaluate.py: FID network layout and loading, Frechet distance, accuracy, CLI.
+"""Tests of evaluate.py and inception.py: FID network layout and loading, Frechet distance,
+the reference-statistics cache, accuracy, and the command line with its bad-input checks.
 
-Reference values come from outside this code base: the state_dict layout and the pinned
-features were produced by pytorch-fid 0.3.0 itself (in a separate venv, see
-fid_inception_keys.txt and PINNED_FEATURES), and the 500-vs-500 MNIST FID is the figure in
-../shared/tools/README.md. Tests needing the real weights skip when the file is absent; fetch
-it with `python ../shared/tools/get-inception-weights`.
+Reference values come from outside this code base: the state_dict layout, the pinned features
+and the 500-vs-500 MNIST FID were produced by pytorch-fid 0.3.0 itself (in a separate venv, see
+fid_inception_keys.txt, PINNED_FEATURES and the FID test). Tests needing the real weights skip
+when the file is absent from the torch hub cache.
 """
 import json
 import os
 import urllib.error
 
 import numpy as np
+from scipy import linalg
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_WEIGHTS = os.path.join(torch.hub.get_dir(), "checkpoints", inception.FID_WEIGHTS_FILE)
 needs_real_weights = pytest.mark.skipif(
     not os.path.isfile(REAL_WEIGHTS),
-    reason=f"no FID Inception weights at {REAL_WEIGHTS} (../shared/tools/get-inception-weights)")
+    reason=f"no FID Inception weights at {REAL_WEIGHTS} (get-inception-weights puts them there)")
 
 
 def pytorch_fid_layout():
@@ -223,10 +224,109 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_even_when_singular():
     assert np.isfinite(value) and value > 64 * 0.9  # mean shift alone contributes ~64
 
 
-def test_frechet_distance_refuses_large_imaginary_parts():
+def test_frechet_distance_refuses_statistics_that_are_not_covariances():
     eye = np.eye(3)
-    with pytest.raises(ValueError, match="imaginary"):
+    with pytest.raises(ValueError, match="positive semi-definite"):
         evaluate.frechet_distance(np.zeros(3), -eye, np.zeros(3), eye)  # sqrt(-I) = i I
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        evaluate.frechet_distance(np.zeros(3), eye, np.zeros(3), -eye)
+
+
+def test_frechet_distance_agrees_with_the_matrix_square_root_on_singular_statistics():
+    """pytorch-fid's formula, Tr(sqrtm(S1 S2)), on rank-deficient covariances (fewer samples
+    than dimensions, as FID with 1,000 images in 2,048 dimensions)."""
+    rng = np.random.default_rng(4)
+    (mu1, s1), (mu2, s2) = (evaluate.feature_statistics(rng.normal(size=(40, 96)) * scale)
+                            for scale in (1.0, 1.5))
+    covmean = linalg.sqrtm(s1 @ s2).real
+    expected = float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2 - 2 * covmean))
+    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
+
+
+# ---- fid() and the reference-statistics cache -----------------------------------------------
+
+def counting(model):
+    """`model` as a function that also counts, in .images, the images it has embedded."""
+    def embed(x):
+        embed.images += len(x)
+        return model(x)
+    embed.images = 0
+    return embed
+
+
+def refusing(*args, **kwargs):
+    raise AssertionError("Inception was run: the cache should have been used or refused first")
+
+
+def random_images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
+
+
+@pytest.fixture(scope="module")
+def random_model(random_weights):
+    return inception.load_inception(random_weights[0])
+
+
+def test_reference_stats_are_cached_for_the_images_they_describe_only(random_model, tmp_path):
+    model = counting(random_model)
+    images = random_images(3, seed=0)
+    cache = str(tmp_path / "stats" / "reference.npz")  # its folder does not exist yet
+    mu, sigma = evaluate.reference_stats(images, cache, "cpu", model=model, progress=None)
+    direct = evaluate.feature_statistics(evaluate.inception_features(images, device="cpu",
+                                                                     model=model, progress=None))
+    np.testing.assert_allclose(mu, direct[0], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sigma, direct[1], rtol=1e-6, atol=1e-9)
+    assert os.listdir(tmp_path / "stats") == ["reference.npz"]  # no partial file left behind
+    with np.load(cache) as cached:
+        assert int(cached["count"]) == 3
+
+    # The same images: read back, without running Inception.
+    again = evaluate.reference_stats(images, cache, "cpu", model=refusing, progress=None)
+    assert np.array_equal(again[0], mu) and np.array_equal(again[1], sigma)
+    # Other images: refused in one line, again before running Inception.
+    for others, needles in ((images[:2], ["describes 3 images, not 2"]),
+                            (255 - images, ["other images", "sha256"])):
+        with pytest.raises(ValueError) as e:
+            evaluate.reference_stats(others, cache, "cpu", model=refusing, progress=None)
+        one_line_error(e, cache, *needles)
+
+
+def test_unreadable_reference_cache_gives_one_clear_line(tmp_path):
+    images = random_images(4, seed=0)
+    cache = tmp_path / "reference.npz"
+    np.savez(cache, mu=np.zeros(2048), sigma=np.eye(2048))  # records no count: which images?
+    with pytest.raises(ValueError) as e:
+        evaluate.reference_stats(images, str(cache), "cpu", model=refusing, progress=None)
+    one_line_error(e, str(cache), "'count'", "delete it")
+    blob = bytearray(cache.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # inside sigma's data: the zip member's CRC no longer matches
+    cache.write_bytes(bytes(blob))
+    with pytest.raises(ValueError) as e:
+        evaluate.reference_stats(images, str(cache), "cpu", model=refusing, progress=None)
+    one_line_error(e, str(cache), "cannot read", "delete it")
+
+
+def test_fid_hands_generated_and_cached_reference_statistics_to_the_distance(
+        random_model, tmp_path, monkeypatch):
+    model = counting(random_model)
+    generated, reference = random_images(2, seed=1), random_images(3, seed=2)
+    expected = [evaluate.feature_statistics(evaluate.inception_features(
+        images, device="cpu", model=model, progress=None)) for images in (generated, reference)]
+    # frechet_distance has its own tests above (and costs a 2048 x 2048 sqrtm, ~15 s): here
+    # only what fid() hands it matters.
+    handed = []
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *stats: handed.append(stats) or 1.5)
+    cache = str(tmp_path / "reference.npz")
+    for embedded in (2 + 3, 2):  # the second call reads the reference side from the cache
+        before = model.images
+        assert evaluate.fid(generated, reference, "cpu", model=model, reference_cache=cache,
+                            progress=None) == 1.5
+        assert model.images - before == embedded
+        for got, want in zip(handed[-1], [*expected[0], *expected[1]], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    with np.load(cache) as cached:
+        assert int(cached["count"]) == len(reference)
 
 
 # ---- classifier -----------------------------------------------------------------------------
@@ -277,7 +377,131 @@ def test_cli_fid_of_a_set_with_itself_is_zero_and_json_is_written(mnist_dir, ran
     assert 0 <= result["accuracy"] <= 1 and result["classifier"]["n_test"] == 10_000
     with np.load(tmp_path / "cache" / "fid_stats_mnist_train_5.npz") as cached:
         assert cached["mu"].shape == (2048,) and cached["sigma"].shape == (2048, 2048)
+        assert int(cached["count"]) == 5
     assert "FID" in capsys.readouterr().out
+
+
+def write_samples(path, labels=None, save=np.savez):
+    """A samples file as train.py writes it: 6 random MNIST-sized images, labels 0..5. (Random
+    pixels do not compress, so the middle of the file is image data with either `save`.)"""
+    images = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    save(path, images=images, labels=np.arange(6) if labels is None else labels)
+
+
+def run_cli(argv, capsys):
+    """evaluate.main's exit status and its one stderr line (asserting there is only one)."""
+    code = evaluate.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return code, err
+
+
+@pytest.fixture
+def no_slow_work(monkeypatch):
+    """Every slow step (and the dataset) raises: bad input must be refused before them all."""
+    def reached(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{name} ran: the bad input should have been refused first")
+        return fail
+    for name in ("load_inception", "inception_features", "classifier_accuracy"):
+        monkeypatch.setattr(evaluate, name, reached(name))
+    monkeypatch.setattr(data, "load", reached("data.load"))
+
+
+def flip_middle_byte(path):
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+BAD_INPUTS = {  # name: (extra arguments, what to do to the samples file, words the line holds)
+    "truncated npz": ([], truncate, ["samples.npz", "cannot read"]),
+    "flipped byte in npz": ([], flip_middle_byte, ["samples.npz", "cannot read"]),
+    "flipped byte in compressed npz": (
+        [], lambda p: (write_samples(p, save=np.savez_compressed), flip_middle_byte(p)),
+        ["samples.npz", "cannot read"]),
+    "epochs 0": (["--epochs", "0"], None, ["--epochs", "0"]),
+    "epochs negative": (["--epochs", "-3"], None, ["--epochs", "-3"]),
+    "unknown device": (["--device", "gpu0"], None, ["--device", "gpu0"]),
+    "cuda without a GPU": (["--device", "cuda"], None, ["--device cuda", "no CUDA GPU"]),
+    "label 10": ([], lambda p: write_samples(p, labels=np.array([0, 1, 2, 3, 10, 5])),
+                 ["labels", "0..9"]),
+    "label -1": ([], lambda p: write_samples(p, labels=np.array([0, 1, -1, 3, 4, 5])),
+                 ["labels", "0..9"]),
+    "float labels": ([], lambda p: write_samples(p, labels=np.arange(6.0)),
+                     ["labels", "integers", "float64"]),
+    "5 labels for 6 images": ([], lambda p: write_samples(p, labels=np.arange(5)),
+                              ["6 images", "5 labels"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_cli_refuses_bad_input_in_one_line_before_any_slow_work(case, tmp_path, capsys,
+                                                               monkeypatch, no_slow_work):
+    extra, spoil, needles = BAD_INPUTS[case]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also where there is one
+    samples = tmp_path / "samples.npz"
+    write_samples(samples)
+    if spoil:
+        spoil(samples)
+    code, err = run_cli([str(samples), "--dataset", "mnist", "--device", "cpu", *extra], capsys)
+    assert code == 2 and err.startswith("evaluate.py: error:")
+    assert all(needle in err for needle in needles), err
+
+
+def test_cli_checks_its_output_file_first_and_leaves_no_stray_file(tmp_path, capsys,
+                                                                  monkeypatch, no_slow_work):
+    samples, out = tmp_path / "samples.npz", tmp_path / "samples.eval.json"
+    write_samples(samples)
+    argv = [str(samples), "--dataset", "mnist", "--device", "cpu"]
+    out.mkdir()  # a folder where the results should go: unwritable, even for root
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and str(out) in err and "cannot write" in err
+    out.rmdir()
+
+    # Writable: the check neither leaves a file nor changes one; the run goes on to load the
+    # weights (the first slow step), stopped here by a WeightsError.
+    def stop(*args, **kwargs):
+        raise inception.WeightsError("stopped at the weights")
+    monkeypatch.setattr(evaluate, "load_inception", stop)
+    assert run_cli(argv, capsys) == (2, "evaluate.py: error: stopped at the weights")
+    assert not out.exists()
+    out.write_text("earlier results")
+    assert run_cli(argv, capsys)[0] == 2 and out.read_text() == "earlier results"
+
+
+@pytest.mark.parametrize("argv", [["--n", "abc"], ["--epochs", "1.5"]])
+def test_cli_argument_type_errors_are_one_line(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(tmp_path / "samples.npz"), "--dataset", "mnist", *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert argv[0] in err and argv[1] in err
+
+
+def test_cli_reports_a_damaged_dataset_file_in_one_line(mnist_dir, tmp_path, capsys,
+                                                        monkeypatch):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in os.listdir(mnist_dir):
+        os.symlink(os.path.join(mnist_dir, name), folder / name)
+    damaged = folder / "train-labels-idx1-ubyte.gz"
+    blob = bytearray(damaged.read_bytes())
+    os.remove(damaged)
+    # The compressed stream starts after the 10-byte header and the zero-terminated file name;
+    # its first byte (block type, Huffman tables) flipped breaks the stream: zlib.error.
+    blob[blob.index(b"\0", 10) + 1] ^= 0xFF
+    damaged.write_bytes(bytes(blob))
+    monkeypatch.setattr(evaluate, "load_inception", lambda *args, **kwargs: refusing)
+    samples = tmp_path / "samples.npz"
+    write_samples(samples)
+    code, err = run_cli([str(samples), "--dataset", "mnist", "--data-dir", str(folder),
+                         "--device", "cpu"], capsys)
+    assert code == 2 and str(damaged) in err
 
 
 # ---- the real FID network (skipped without the weight file) ---------------------------------
@@ -308,9 +532,13 @@ def test_real_features_match_pytorch_fid(mnist_dir):
 
 
 @needs_real_weights
-def test_real_fid_mnist_500_train_vs_500_test(mnist_dir):
+def test_real_fid_mnist_500_train_vs_500_test(mnist_dir, tmp_path):
     # About 1000 images through Inception: the slowest test here (minutes on 2 CPU cores).
     train_images, _ = data.load("mnist", "train", mnist_dir)
     test_images, _ = data.load("mnist", "test", mnist_dir)
-    value = evaluate.fid(train_images[:500], test_images[:500], progress=None)
-    assert value == pytest.approx(21.5247, abs=2e-3)  # ../shared/tools/README.md
+    cache = tmp_path / "reference.npz"
+    value = evaluate.fid(train_images[:500], test_images[:500], reference_cache=str(cache),
+                         progress=None)
+    assert value == pytest.approx(21.5247, abs=2e-3)  # pytorch-fid 0.3.0 on the same images
+    with np.load(cache) as cached:
+        assert int(cached["count"]) == 500
