@@ -358,6 +358,15 @@ def test_classifier_epoch_choice_ignores_the_test_set_and_is_seeded():
     assert honest["test_accuracy"] == pytest.approx(1 - flipped["test_accuracy"])
 
 
+def test_classifier_refuses_zero_epochs_in_one_line():
+    # With no epoch there is no model to choose: one clear line, not a failed load_state_dict.
+    images = random_images(4, seed=0)
+    with pytest.raises(ValueError) as e:
+        evaluate.classifier_accuracy(images, torch.arange(4), images, torch.arange(4),
+                                     epochs=0, device="cpu", progress=None)
+    one_line_error(e, "epochs", "0")
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 def test_cli_fid_of_a_set_with_itself_is_zero_and_json_is_written(mnist_dir, random_weights,
