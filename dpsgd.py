@@ -185,7 +185,7 @@ def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
     on a 2-core CPU about 128 images per pass (chunk_size * K draws) ran fastest.
     autocast: the forward pass under bfloat16 autocast (CPUs with bf16 units, GPUs); the
     per-example gradients, norms, clipping, running sum and noise stay float32 or wider.
-    sum_over_processes: with several processes (distributed.py), batch_tensors is this
+    sum_over_processes: with several processes (torchrun), batch_tensors is this
     process's share of the batch and this function adds the shares' clipped sums (an
     all-reduce); every process must call dp_step every step, with an empty share too.
     Returns nothing: everything it could report about the batch is unprivatised.

@@ -137,7 +137,7 @@ class Progress:
             print(f"[{self.stage}] step {step}/{self.total}{describe} | "
                   f"{elapsed / 60:.1f} min | ETA {eta / 60:.1f} min", flush=True)
             self.last_line = now
-        # The flag is read once per step: with several processes (distributed.py) each read
+        # The flag is read once per step: in a multi-process run each read
         # is a collective that all of them make together.
         stop = self.stop.requested
         if stop or now - self.last_save > self.checkpoint_seconds:
