@@ -127,6 +127,27 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
+def frechet_distance_to(features, mu2, sigma2):
+    """frechet_distance between the statistics of `features` [n, D] and N(mu2, S2).
+
+    With fewer images than dimensions (n < D, as for FID of 1,000 images in 2,048 dimensions)
+    S1 = C^T C, where C holds the centred features / sqrt(n - 1) (n x D), and the nonzero
+    eigenvalues of S1 S2 = C^T (C S2) are those of (C S2) C^T, a symmetric n x n matrix (XY and
+    YX share them). So the same number comes from one n x n eigendecomposition instead of two
+    D x D ones, and Tr(S1) is the sum of C's squares. Otherwise: feature_statistics and
+    frechet_distance."""
+    n, d = features.shape
+    if n >= d:
+        return frechet_distance(*feature_statistics(features), mu2, sigma2)
+    if n < 2:
+        raise ValueError(f"images: FID needs at least 2 images, got {n}")
+    mu1 = features.mean(axis=0, dtype=np.float64)
+    centred = (features.astype(np.float64) - mu1) / np.sqrt(n - 1)
+    middle, _ = _covariance_eigh(centred @ sigma2 @ centred.T, "product of the")
+    diff = mu1 - mu2
+    return float(diff @ diff + (centred ** 2).sum() + np.trace(sigma2) - 2 * np.sqrt(middle).sum())
+
+
 def _covariance_eigh(matrix, which):
     """Eigenvalues (clipped at 0) and eigenvectors of a symmetric PSD matrix; round-off may make
     tiny eigenvalues negative, a clearly negative one means the statistics are broken."""
@@ -151,9 +172,8 @@ def fid(generated, reference, device=None, weights=None, model=None, reference_c
         model = load_inception(weights, device)
     mu_ref, sigma_ref = reference_stats(reference, reference_cache, device, model=model,
                                         batch_size=batch_size, progress=progress)
-    mu, sigma = feature_statistics(inception_features(generated, batch_size, device,
-                                                      model=model, progress=progress))
-    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    features = inception_features(generated, batch_size, device, model=model, progress=progress)
+    return frechet_distance_to(features, mu_ref, sigma_ref)
 
 
 def reference_stats(images, cache_path=None, device=None, weights=None, model=None,

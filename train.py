@@ -123,14 +123,17 @@ def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, 
         progress(step + 1, lambda: f" | eps spent {ledger.epsilon()[0]:.3f}/{cfg.eps:g}")
 
 
+SAMPLE_BATCH = 500  # images per sampler call: memory, not quality; a checkpoint after each
+
+
 def synthesize(model, cfg, ddpm, public, pieces, progress):
-    """cfg.n_samples images with uniformly random labels from the (EMA) model, 500 at a time,
+    """cfg.n_samples images with uniformly random labels from the (EMA) model, SAMPLE_BATCH at a time,
     appended to `pieces` [(uint8 images, labels)]. Post-processing of the trained weights; it
     draws from the public generator."""
     num_classes = data.INFO[cfg.dataset]["classes"]
     done = sum(len(labels) for _, labels in pieces)
     while done < cfg.n_samples:
-        labels = torch.randint(num_classes, (min(500, cfg.n_samples - done),), generator=public,
+        labels = torch.randint(num_classes, (min(SAMPLE_BATCH, cfg.n_samples - done),), generator=public,
                                device=public.device)
         pieces.append((sample(model, labels, cfg, ddpm, public), labels.cpu()))
         done += len(labels)

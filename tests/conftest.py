@@ -14,7 +14,7 @@ sys.path.insert(0, ROOT)
 
 _CANDIDATES = [os.environ.get("MNIST_DIR"), os.path.join(ROOT, "..", "shared", "data", "mnist"),
                os.path.join(ROOT, "data", "mnist")]
-MNIST_DIR = next((d for d in _CANDIDATES
+MNIST_DIR = next((os.path.abspath(d) for d in _CANDIDATES  # absolute: tests link to its files
                   if d and os.path.exists(os.path.join(d, "train-images-idx3-ubyte.gz"))), None)
 
 

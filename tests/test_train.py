@@ -5,9 +5,11 @@ can see: the files, the report, the progress lines, what a resume accepts, and t
 is one line with exit status 2 and leaves the run folder byte for byte as it was.
 """
 import ast
+import contextlib
 import gzip
 import hashlib
 import inspect
+import io
 import json
 import os
 import shutil
@@ -19,14 +21,17 @@ import torch
 import inception
 import randomness
 import runs
+import settings
 import train
+
+TINY = settings.TINY  # what tiny_args runs: the numbers below are read from it
 
 WEIGHTS = os.path.join(torch.hub.get_dir(), "checkpoints", inception.FID_WEIGHTS_FILE)
 
 
 class StopAfter:
-    """Stands in for Ctrl-C: `requested` turns True at its n-th read (the loops read it once
-    per step, per sample batch and per evaluation progress line)."""
+    """Stands in for Ctrl-C: `requested` is False for n reads, then True (the loops read it
+    once per step, per sampler call and per evaluation progress call)."""
 
     def __init__(self, n):
         self.reads_left = n
@@ -66,10 +71,24 @@ def one_line_error(capsys, *words):
 
 
 # ------------------------------------------------------------------------- whole runs
-def test_every_stage_end_to_end(mnist_dir, tmp_path, capsys):
-    fid_n = [] if os.path.exists(WEIGHTS) else ["--fid-n", "0"]  # FID needs the real weights
-    out = tmp_path / "run"
-    assert train.main(tiny_args(mnist_dir, out, *fid_n)) == 0
+FID = [] if os.path.exists(WEIGHTS) else ["--fid-n", "0"]  # FID needs the real weights
+SAMPLE_BATCH = 40  # TINY's 100 samples in three sampler calls (40, 40, 20): stops between them
+
+
+@pytest.fixture(scope="module")
+def finished_run(mnist_dir, tmp_path_factory):
+    """One uninterrupted tiny run through every stage (FID included when the real weights are
+    here) and what it printed. The stage tests read it; the resume test must reproduce it."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(train, "SAMPLE_BATCH", SAMPLE_BATCH)
+        assert train.main(tiny_args(mnist_dir, out, *FID)) == 0
+    return out, printed.getvalue()
+
+
+def test_every_stage_end_to_end(finished_run):
+    out, printed = finished_run
     for name in ("central_images.png", "warmup_samples.png", "samples.png", "samples.npz",
                  "checkpoint.pt", "report.json"):
         assert (out / name).exists(), name
@@ -80,39 +99,49 @@ def test_every_stage_end_to_end(mnist_dir, tmp_path, capsys):
     history = train.accountant.PrivacyLedger.from_dict(report["privacy_ledger"]).history
     assert history == [tuple(plan["central"]), (plan["dpsgd"]["q"], plan["dpsgd"]["sigma"],
                                                 plan["dpsgd"]["steps"])]
-    assert plan["dpsgd"]["q"] == randomness.sampling_rate(100 / 2000)
+    assert plan["dpsgd"]["q"] == randomness.sampling_rate(TINY.batch / TINY.train_subset)
     assert plan["central"][0] == randomness.sampling_rate(0.1)
     assert 0.9 < spent["eps"] <= 1.0  # the calibration spends the budget, not far less
     assert report["seed"] == "fixed by --seed" and report["stage"] == "done"
     samples = np.load(out / "samples.npz")
-    assert samples["images"].dtype == np.uint8 and samples["images"].shape == (100, 28, 28)
+    assert samples["images"].dtype == np.uint8
+    assert samples["images"].shape == (TINY.n_samples, 28, 28)
     assert 0.0 <= report["metrics"]["accuracy"]["test_accuracy"] <= 1.0
-    if not fid_n:
-        assert report["metrics"]["fid"]["n_generated"] == 50
+    if not FID:
+        assert report["metrics"]["fid"]["n_generated"] == TINY.fid_n
         assert np.isfinite(report["metrics"]["fid"]["value"])
     # Timing side channel: no rate from individual DP-SGD steps, and no DP-SGD progress line
     # before 10 steps (a step's time grows with its secret batch size).
-    printed = capsys.readouterr().out
     assert "images/s" not in printed
     dpsgd_lines = [line for line in printed.splitlines() if line.startswith("[train_dpsgd]")]
     assert dpsgd_lines and all(int(line.split()[2].split("/")[0]) >= 10 for line in dpsgd_lines)
     assert all("loss" not in line for line in dpsgd_lines)  # unprivatised statistic
-    assert all(" | eps spent 0." in line for line in dpsgd_lines)  # accounted, shown
+    assert all(" | eps spent " in line for line in dpsgd_lines)  # accounted, shown
+    assert dpsgd_lines[-1].split(" | eps spent ")[1].startswith(f"{spent['eps']:.3f}/1")
 
 
-def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(mnist_dir, tmp_path,
-                                                                  monkeypatch):
-    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
-    flags = ("--fid-n", "0", "--n-samples", "1100")  # three sample batches (500, 500, 100)
-    assert train.main(tiny_args(mnist_dir, whole, *flags)) == 0
-    # Stop in the warm-up (step 7 of 20), in DP-SGD, after the first sample batch (the 20
-    # warm-up and 40 DP-SGD steps read the flag once each), and in the evaluation; resume each.
-    for stop_at in (7, 23, 41, 1, 10 ** 9):
+def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(finished_run, mnist_dir,
+                                                                  tmp_path, monkeypatch):
+    whole, pieces = finished_run[0], tmp_path / "pieces"
+    monkeypatch.setattr(train, "SAMPLE_BATCH", SAMPLE_BATCH)
+    # The loops read the stop flag once per warm-up step, DP-SGD step and sampler call (and
+    # per evaluation progress call); StopAfter(n) lets n reads pass, and each piece counts
+    # from zero. Stop at warm-up step 8, DP-SGD step 11, the second sampler call and the
+    # evaluation's first progress call; resume each.
+    warmup, dp_steps = TINY.warmup_steps, read_report(whole)["privacy_plan"]["dpsgd"]["steps"]
+    assert warmup > 8 and dp_steps > 11
+    pieces_and_stages = [(7, "warm_up"), (warmup - 8 + 10, "train_dpsgd"),
+                         (dp_steps - 11 + 1, "synthesize"), (1, "evaluate_release"),
+                         (10 ** 9, "done")]
+    for stop_at, stage in pieces_and_stages:
         stop_after(monkeypatch, stop_at)
-        resume = ["--resume", str(pieces)] if (pieces / "checkpoint.pt").exists() else []
-        rc = train.main(tiny_args(mnist_dir, pieces, *flags, *resume))
-        assert rc == (130 if stop_at < 10 ** 9 else 0)
+        if (pieces / "checkpoint.pt").exists():  # the run's own settings and random state
+            rc = train.main(["--resume", str(pieces)])
+        else:
+            rc = train.main(tiny_args(mnist_dir, pieces, *FID))
+        assert rc == (130 if stage != "done" else 0)
         report, state = read_report(pieces), runs.load_checkpoint(pieces)
+        assert state["stage"] == stage
         # report.json always describes the checkpoint, Ctrl-C included
         assert report["stage"] == state["stage"] and report["privacy_ledger"] == state["ledger"]
     a, b = runs.load_checkpoint(whole), runs.load_checkpoint(pieces)
@@ -205,12 +234,12 @@ def test_damaged_or_wrong_data_gives_one_line(mnist_dir, tmp_path, capsys, damag
 # ------------------------------------------------------------------------- resume rules
 @pytest.fixture(scope="module")
 def stopped_in_dpsgd(mnist_dir, tmp_path_factory):
-    """One run stopped by Ctrl-C in DP-SGD (20 warm-up steps, then 5 of 40 DP-SGD steps);
+    """One run stopped by Ctrl-C in DP-SGD (after all warm-up steps and 5 DP-SGD steps);
     each test works on its own copy."""
     out = tmp_path_factory.mktemp("stopped") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        stop_after(patch, 25)
-        assert train.main(tiny_args(mnist_dir, out, "--fid-n", "0")) == 130
+        stop_after(patch, TINY.warmup_steps + 5)
+        assert train.main(tiny_args(mnist_dir, out, *FID)) == 130
     return out
 
 
@@ -220,7 +249,7 @@ def stopped_run(stopped_in_dpsgd, tmp_path):
     return out, folder_digest(out)
 
 
-@pytest.mark.parametrize("flag, value", [("--eps", "2"), ("--lr", "0.01"), ("--batch", "50"),
+@pytest.mark.parametrize("flag, value", [("--eps", "2"), ("--lr", "0.01"), ("--batch", "20"),
                                          ("--no-central", None), ("--seed", "3"),
                                          ("--preset", "cpu"), ("--device", "cuda")])
 def test_resume_refuses_other_training_settings_and_changes_nothing(
@@ -239,6 +268,8 @@ def test_resume_accepts_settings_of_stages_not_yet_run(stopped_in_dpsgd, tmp_pat
     assert train.main(["--resume", str(out), "--n-samples", "30", "--guidance", "0.5"]) == 0
     assert np.load(out / "samples.npz")["images"].shape[0] == 30
     assert read_report(out)["settings"]["guidance"] == 0.5
+    if not FID:  # the stopped run measures FID: its weights are found again on resume
+        assert np.isfinite(read_report(out)["metrics"]["fid"]["value"])
     capsys.readouterr()
     digest = folder_digest(out)
     assert train.main(["--resume", str(out), "--n-samples", "40"]) == 2  # already sampled
@@ -297,24 +328,20 @@ def test_a_damaged_checkpoint_is_refused_and_the_folder_stays_byte_identical(
     assert folder_digest(out) == digest
 
 
-def test_a_missing_weights_file_fails_early_and_loses_nothing(mnist_dir, tmp_path, capsys,
-                                                              monkeypatch):
-    out, bogus = tmp_path / "run", str(tmp_path / "no.pth")
-    assert train.main(tiny_args(mnist_dir, out, "--inception", bogus)) == 2
+def test_a_missing_weights_file_fails_early_and_loses_nothing(mnist_dir, stopped_in_dpsgd,
+                                                              tmp_path, capsys):
+    new, bogus = tmp_path / "new", str(tmp_path / "no.pth")
+    assert train.main(tiny_args(mnist_dir, new, "--inception", bogus)) == 2
     one_line_error(capsys, "no.pth")
-    assert not out.exists()  # it failed before anything was written
-    if not os.path.exists(WEIGHTS):
+    assert not new.exists()  # it failed before anything was written
+    if FID:
         pytest.skip("real FID weights not in the torch hub cache")
-    # Weights that vanish during a run: the resume refuses to start, the run is kept.
-    stop_after(monkeypatch, 30)
-    assert train.main(tiny_args(mnist_dir, out, "--inception", WEIGHTS)) == 130
-    digest = folder_digest(out)
+    # Weights that vanish during a run: the resume refuses to start and the run is kept (the
+    # next test finishes a copy of the same stopped run, FID included).
+    out, digest = stopped_run(stopped_in_dpsgd, tmp_path)
     assert train.main(["--resume", str(out), "--inception", bogus]) == 2
-    assert "no.pth" in capsys.readouterr().err
+    one_line_error(capsys, "no.pth")
     assert folder_digest(out) == digest
-    stop_after(monkeypatch, 10 ** 9)
-    assert train.main(["--resume", str(out), "--inception", WEIGHTS]) == 0
-    assert np.isfinite(read_report(out)["metrics"]["fid"]["value"])
 
 
 # ------------------------------------------------------------------------- data flow
