@@ -167,15 +167,20 @@ class Run:
     def path(self, name):
         return os.path.join(self.folder, name)
 
+    def tally_time(self):
+        """Add the wall-clock time since the last tally to the stage in progress."""
+        name = self.stage_names[self.stage]
+        self.timings[name] = self.timings.get(name, 0.0) + time.time() - self.clock
+        self.clock = time.time()
+
     def checkpoint(self, step=None):
         """Save the whole state, then the report that describes it."""
         if step is not None:
             self.step = step
         if not self.writes:
             return
+        self.tally_time()
         name = self.stage_names[self.stage]
-        self.timings[name] = self.timings.get(name, 0.0) + time.time() - self.clock
-        self.clock = time.time()
         settings = dataclasses.asdict(self.cfg)
         save_checkpoint(self.folder, dict(
             cfg=settings, plan=self.plan, options=self.options, seeded=self.seeded,

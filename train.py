@@ -14,6 +14,8 @@ baseline). The privacy argument is in the signatures: only `release_central_imag
 (randomness.py); the warm-up sees the released central images, synthesis sees the model.
 Every stage checkpoints (runs.py), so `--resume RUN_DIR` continues a run, privacy ledger
 included, and ends bit for bit where an uninterrupted run on the same device would.
+`torchrun --nproc_per_node=N train.py ...` runs DP-SGD on N processes with the privacy of one
+(distributed.py): one Poisson sample and one noise draw per step.
 """
 import os
 import secrets
@@ -26,6 +28,7 @@ import accountant
 import central
 import data
 import diffusion
+import distributed
 import dpsgd
 import evaluate
 import inception
@@ -104,23 +107,33 @@ def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, 
                 secret, ledger, first_step, progress):
     """Hard stage: DP-SGD on the sensitive images (dpsgd.py), one ledger entry per step.
     The other function given the sensitive set; every draw (Poisson sample, diffusion noise,
-    Gaussian noise) comes from the secret generator."""
+    Gaussian noise) comes from the secret generator.
+    With several processes (distributed.py) all hold the same secret-generator state, so they
+    draw the same sample, the same diffusion inputs and the same noise; each computes the
+    clipped gradients of its share of the sample, and dp_step adds the shares' sums."""
     device = next(model.parameters()).device
     x_all = diffusion.to_model_range(sensitive_images).to(device)
-    y_all = sensitive_labels.to(device)
     n, q, sigma, steps = len(x_all), plan["q"], plan["sigma"], plan["steps"]
     for step in range(first_step, steps):
-        batch = randomness.poisson_sample(n, q, secret).nonzero().flatten().to(device)
-        x0 = x_all[batch]
-        y_in, t, noise = ddpm.draw_inputs(y_all[batch], cfg.noise_draws, x0.shape[1:], secret)
-        dpsgd.dp_step(model, optimizer, ddpm.loss, (x0, y_in, t, noise), clip_norm=cfg.clip,
+        batch = randomness.poisson_sample(n, q, secret).nonzero().flatten()
+        # Drawn for the whole sample on every process (on the CPU), which keeps the secret
+        # generators in step; this process uses positions rank, rank + N, ... of it. A share
+        # may be empty: the process still takes part in the step.
+        y_in, t, noise = ddpm.draw_inputs(sensitive_labels[batch], cfg.noise_draws,
+                                          x_all.shape[1:], secret)
+        share = slice(distributed.rank(), None, distributed.world_size())
+        x0 = x_all[batch[share].to(device)]
+        inputs = (x0, *(v[share].to(device) for v in (y_in, t, noise)))
+        dpsgd.dp_step(model, optimizer, ddpm.loss, inputs, clip_norm=cfg.clip,
                       sigma=sigma, expected_batch_size=q * n, noise_generator=secret,
-                      chunk_size=cfg.chunk, autocast=cfg.autocast)
+                      chunk_size=cfg.chunk, autocast=cfg.autocast,
+                      sum_over_processes=distributed.sum_over_processes)
         ledger.add("DP-SGD", q, sigma, 1)
         ema.update(model)
         # Only accounted quantities are shown: the batch's loss and its realised size are
         # statistics of the sensitive data that no mechanism privatised (logs get shared).
         progress(step + 1, lambda: f" | eps spent {ledger.epsilon()[0]:.3f}/{cfg.eps:g}")
+    distributed.check_same_weights(model)
 
 
 SAMPLE_BATCH = 500  # images per sampler call: memory, not quality; a checkpoint after each
@@ -205,26 +218,38 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
                              args.checkpoint_minutes, min_steps=min_steps)
 
     def finished(stage):
+        run.tally_time()  # the time so far is this stage's, not the next one's
         run.stage, run.step = STAGES.index(stage) + 1, 0
         run.checkpoint()
 
     if run.stage <= STAGES.index(release_central_images):
         if cfg.central:
-            images, labels, mechanism = release_central_images(sensitive_images,
-                                                               sensitive_labels, cfg, run.secret)
+            # With several processes rank 0 alone draws the release (one draw of the mechanism)
+            # and the others receive it; every process's ledger counts it once.
+            release = (release_central_images(sensitive_images, sensitive_labels, cfg, run.secret)
+                       if distributed.is_main() else None)
+            images, labels, mechanism = distributed.from_rank0(release)
             run.ledger.add("central images", *mechanism)
             run.central = (images.cpu(), labels.cpu())
             order = labels.argsort(stable=True)  # one row per class
-            data.save_grid(images[order], run.path("central_images.png"), nrow=cfg.central_queries)
+            if run.writes:
+                data.save_grid(images[order], run.path("central_images.png"),
+                               nrow=cfg.central_queries)
             print(f"[central] {len(images)} central images -> {run.path('central_images.png')}; "
                   f"eps spent {run.ledger.epsilon()[0]:.3f}")
         finished(release_central_images)
     if run.stage <= STAGES.index(warm_up):
         if cfg.central and cfg.warmup_steps:
+            # Post-processing and cheap: every process runs the same steps from the same state.
             warm_up(run.model, run.optimizer, *run.central, cfg, run.ddpm, run.public, run.step,
                     progress(warm_up, cfg.warmup_steps))
-            save_sample_grid(run.model, cfg, run.ddpm, run.public, run.path("warmup_samples.png"))
-        # DP-SGD starts from the raw warmed-up weights, with a fresh optimizer and EMA.
+            if run.writes:
+                save_sample_grid(run.model, cfg, run.ddpm, run.public,
+                                 run.path("warmup_samples.png"))
+        # DP-SGD starts from the raw warmed-up weights, with a fresh optimizer and EMA: on
+        # every process rank 0's weights and generator states (it alone drew the central
+        # images and the grid, and GPU kernels need not be bit-reproducible).
+        distributed.take_rank0_state(run.model, run.secret, run.public)
         run.optimizer, run.ema = fresh_optimizer_and_ema(run.model, cfg)
         finished(warm_up)
     if run.stage <= STAGES.index(train_dpsgd):
@@ -234,6 +259,10 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
                     run.plan["dpsgd"], run.ddpm, run.secret, run.ledger, run.step,
                     progress(train_dpsgd, run.plan["dpsgd"]["steps"], min_steps=10))
         finished(train_dpsgd)
+    # Synthesis and evaluation post-process the trained weights: rank 0 goes on alone.
+    distributed.finish()
+    if not distributed.is_main():
+        return
     if run.stage <= STAGES.index(synthesize):
         synthesize(run.ema.model, cfg, run.ddpm, run.public, run.pieces,
                    progress(synthesize, cfg.n_samples))
@@ -261,6 +290,7 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
 
 def main(argv=None):
     args = settings.parse_args(argv, description=__doc__.split("\n\n")[0])
+    distributed.start()  # under torchrun only
     try:
         state = runs.load_checkpoint(args.resume) if args.resume else None
         if state is not None:  # where things are: the run's own unless given again
@@ -269,6 +299,7 @@ def main(argv=None):
                 setattr(args, option, getattr(args, option) or saved.get(option))
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         settings.check_options(args, state)
+        args.device = distributed.device_of_this_process(args.device)
         cfg = settings.settings_of(args, state, [s.__name__ for s in STAGES] + ["done"])
         settings.check_settings(cfg)
         sensitive_images, sensitive_labels = data.load(cfg.dataset, "train", args.data_dir)
@@ -282,24 +313,31 @@ def main(argv=None):
         if cfg.delta >= 1 / n:
             print(f"warning: delta={cfg.delta:g} is not below 1/N = {1 / n:.2g}: a mechanism "
                   f"that publishes one random record would meet it")
-        if cfg.fid_n and (state is None or state["stage"] != "done"):
+        if cfg.fid_n and (state is None or state["stage"] != "done") and distributed.is_main():
             inception.load_inception(args.inception)  # missing FID weights: fail now, not at the end
         folder = args.resume or args.out or os.path.join(
             "runs", f"{cfg.dataset}-eps{cfg.eps:g}" + ("" if cfg.central else "-nocentral"))
         run = new_run(cfg, plan, folder, args.device, args.seed)
         run.options = dict(device=args.device, data_dir=args.data_dir, inception=args.inception)
+        run.writes = distributed.is_main()  # one process writes the run's files
         if state is not None:
             run.restore(state)
-        else:
+        elif run.writes:
             runs.prepare_folder(folder, args.overwrite)
         print_plan(plan)
         print(f"run folder: {folder} (stage {run.stage + 1} of {len(STAGES)}, step {run.step})")
         run.checkpoint()
     except (ValueError, data.DataError, inception.WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
+        run = None
+    if not distributed.all_ok(run is not None):  # with torchrun, a failure anywhere stops all
+        distributed.finish()
         return 2
+    # Every process starts from rank 0's weights and generator states (its secret one too).
+    distributed.take_rank0_state(run.model, run.secret, run.public)
     try:
-        train(run, sensitive_images, sensitive_labels, args, runs.install_ctrl_c())
+        train(run, sensitive_images, sensitive_labels, args,
+              distributed.StopTogether(runs.install_ctrl_c()))
     except (ValueError, data.DataError, inception.WeightsError) as e:
         print(f"error: {e}; the run so far is saved: fix this, then continue with --resume "
               f"{folder}", file=sys.stderr)
@@ -308,6 +346,8 @@ def main(argv=None):
         run.checkpoint()
         print(f"stopped; continue with: python train.py --resume {folder}")
         return 130
+    finally:
+        distributed.finish()
     eps, _ = run.ledger.epsilon()
     print(f"done: ({eps:.4f}, {cfg.delta:g})-DP; report in {run.path(runs.REPORT)}")
     return 0
