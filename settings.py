@@ -59,10 +59,10 @@ CPU = dataclasses.replace(PAPER, model="small", warmup_steps=1200, batch=1024, e
                           noise_draws=1, chunk=64, autocast=True, lr=1e-3, ema=0.97,
                           sample_steps=25, guidance=1.0, n_samples=2000, fid_n=1000,
                           classifier_epochs=10, classifier_lr=1e-3)
-# Every stage in about a minute (the tests): 20 warm-up steps, 20 DP-SGD steps at expected
+# Every stage in about a minute (the tests): 12 warm-up steps, 12 DP-SGD steps at expected
 # batch 25 of 500 images, 100 samples, FID on 10 images a side.
-TINY = dataclasses.replace(CPU, central_queries=2, warmup_steps=20, warmup_batch=16, batch=25,
-                           epochs=1.0, chunk=25, autocast=False, ema=0.9, sample_steps=5,
+TINY = dataclasses.replace(CPU, central_queries=2, warmup_steps=12, warmup_batch=16, batch=25,
+                           epochs=0.6, chunk=25, autocast=False, ema=0.9, sample_steps=5,
                            guidance=0.0, n_samples=100, fid_n=10, classifier_epochs=3,
                            train_subset=500)
 PRESETS = {"paper": PAPER, "cpu": CPU, "tiny": TINY}

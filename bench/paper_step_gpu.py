@@ -1,6 +1,6 @@
 """The paper preset's DP-SGD step on a GPU: noise-draw images per second and peak memory.
 
-    python bench/paper_step_gpu.py [--device cuda] [--batch 1000] [--chunks 64 128 256] [--steps 2]
+    python bench/paper_step_gpu.py [--device cuda] [--batch 1000] [--chunks 256 512 1000] [--steps 2]
 
 Model and step: the paper UNet (diffusion.make_unet("paper", 1, 28, 10), 1.4 M parameters),
 K = 32 noise draws per example, dpsgd.dp_step with Adam, as `train.py --preset paper` runs it.
@@ -8,7 +8,7 @@ The logical batch only sets how many chunks a step has (the paper's is 4000; a s
 measures the same per-example rate in less time). For each precision (float32, whose
 convolutions and matrix products use TF32 on the GPU, and bfloat16 autocast) and chunk size:
 one untimed step, then `--steps` timed ones; a chunk that does not fit in memory is reported
-and skipped.
+and skipped. `--device cpu` runs the same code on the CPU (no peak memory; for checking it).
 
 Each row: examples/s, noise-draw images/s (examples x K), the step's peak GPU memory, and the
 paper protocol's 2250 steps of 4000 examples projected at that rate on one GPU. The official
@@ -41,33 +41,37 @@ def one_config(device, batch, chunk, autocast, steps):
     generator = randomness.secret_generator(0)
     x0 = (torch.rand(batch, 1, 28, 28, generator=generator) * 2 - 1).to(device)
     labels = torch.randint(0, 10, (batch,), generator=generator)
+    cuda = device.type == "cuda"
     times = []
     for step in range(steps + 1):
         y_in, t, noise = ddpm.draw_inputs(labels, DRAWS, (1, 28, 28), generator)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         dpsgd.dp_step(model, optimizer, ddpm.loss,
                       (x0, y_in.to(device), t.to(device), noise.to(device)), clip_norm=1.0,
                       sigma=1.0, expected_batch_size=batch, noise_generator=generator,
                       chunk_size=chunk, autocast=autocast)
-        torch.cuda.synchronize(device)
+        if cuda:
+            torch.cuda.synchronize(device)
         if step:  # the first step compiles kernels and warms the allocator
             times.append(time.perf_counter() - start)
-    return min(times), torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return min(times), torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else float("nan")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, default=1000, help="logical batch of a timed step")
-    p.add_argument("--chunks", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1000])
     p.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
     args = p.parse_args()
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, batch {args.batch}, "
-          f"K = {DRAWS}, model 'paper' ({diffusion.count_parameters(diffusion.make_unet('paper', 1, 28, 10))} parameters)",
-          flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    parameters = diffusion.count_parameters(diffusion.make_unet("paper", 1, 28, 10))
+    print(f"torch {torch.__version__}, {name}, batch {args.batch}, K = {DRAWS}, model 'paper' "
+          f"({parameters} parameters)", flush=True)
     best = None
     for autocast in (False, True):
         precision = "bf16 autocast" if autocast else "float32/TF32"
