@@ -84,9 +84,9 @@ def main():
                 continue
             rate = args.batch / seconds
             hours = PAPER_STEPS * PAPER_BATCH / rate / 3600
-            print(f"{precision:14s} chunk {chunk:4d}: {rate:8.0f} examples/s, "
+            print(f"{precision:14s} chunk {chunk:4d}: {rate:8.1f} examples/s, "
                   f"{rate * DRAWS:9.0f} noise-draw images/s, peak {peak:8.0f} MiB, "
-                  f"paper protocol {hours:5.1f} h on this GPU", flush=True)
+                  f"paper protocol {hours:7.1f} h on this device", flush=True)
             if best is None or rate > best[0]:
                 best = (rate, precision.split()[0], chunk, hours)
     rate, precision, chunk, hours = best
