@@ -28,6 +28,7 @@ import randomness
 import runs
 import settings
 import train
+from test_train import StopAfter
 
 WORLD = 2
 
@@ -238,20 +239,9 @@ def small_run_flags(mnist_dir, out):
             "--sample-steps", "1", "--n-samples", "10", "--fid-n", "0"]
 
 
-class StopAfter:
-    """Stands in for Ctrl-C: `requested` turns True at its (n + 1)-th read (the loops read it
-    once per step: 1 warm-up step, then 5 DP-SGD steps, then once per sample batch)."""
-
-    def __init__(self, n):
-        self.reads_left = n
-
-    @property
-    def requested(self):
-        self.reads_left -= 1
-        return self.reads_left < 0
-
-
 def stop_at(n, monkeypatch=None):
+    """Ctrl-C after n reads of the stop flag (test_train.StopAfter); the loops read it once per
+    step (here 1 warm-up step, then 5 DP-SGD steps) and once per sample batch."""
     if monkeypatch:
         monkeypatch.setattr(runs, "install_ctrl_c", lambda: StopAfter(n))
     else:
