@@ -170,11 +170,29 @@ def _find_or_download(name, folder, filename, md5, download):
                     f"point --data-dir at a folder holding it")
 
 
+def as_uint8_images(images):
+    """uint8 torch [N, C, H, W] from: numpy uint8 [N, H, W] or [N, H, W, C], or torch uint8
+    [N, C, H, W]. Float torch images in [0, 1] are quantised to uint8 first: the one
+    quantisation used for PNG grids, FID and the classifier, so each sees what a user would."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise ValueError(f"images: numpy arrays must be uint8, got {images.dtype}")
+        x = torch.from_numpy(images)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2) if x.ndim == 4 else x
+    else:
+        x = torch.as_tensor(images).detach().cpu()
+        if x.is_floating_point():
+            x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images: expected uint8 N x H x W or N x H x W x C (numpy) or "
+                         f"N x C x H x W (torch) with C in (1, 3), got {x.dtype} "
+                         f"{tuple(images.shape)}")
+    return x.contiguous()
+
+
 def save_grid(images, path, nrow):
     """Save images (float [N, C, H, W] in [0, 1], or uint8) as one PNG, `nrow` per row."""
-    images = torch.as_tensor(images).detach().cpu()
-    if images.dtype != torch.uint8:
-        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    images = as_uint8_images(images)
     n, c, h, w = images.shape
     rows = -(-n // nrow)
     grid = torch.zeros(c, rows * (h + 2) + 2, nrow * (w + 2) + 2, dtype=torch.uint8)

@@ -1,4 +1,4 @@
-"""Evaluation of synthetic images: FID and synthetic-to-real classification accuracy.
+"""Evaluation of synthetic images: FID, and the command line that also reports accuracy.
 
 FID (Heusel et al. 2017, "GANs trained by a two time-scale update rule converge to a local
 Nash equilibrium") is the Frechet distance between two Gaussians fitted to Inception-v3 pool3
@@ -14,8 +14,8 @@ pytorch-fid does: uint8 -> [0, 1], grayscale repeated to 3 channels, bilinear re
 299x299, scaled to [-1, 1]. (Such FIDs compare with pytorch-fid's and DPImageBench's, not with
 TF-FID or clean-fid figures, which resize differently.)
 
-Accuracy (paper section 4): a small CNN trained *only* on synthetic images, its epoch chosen
-on a held-out part of the synthetic set (never on the test set), tested on the real test set.
+The other number, the accuracy of a classifier trained only on synthetic images, is
+classifier.py's.
 
 CLI: python evaluate.py SAMPLES.npz --dataset mnist [--data-dir D] [--n N] [--inception PATH]
 prints both numbers and writes them to SAMPLES.eval.json. Bad input (a corrupt file, labels
@@ -33,10 +33,10 @@ import zlib
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from classifier import classifier_accuracy
 from inception import WeightsError, load_inception
 
 
@@ -46,26 +46,6 @@ def _stderr(message):
 
 # ---------------------------------------------------------------------------------------------
 # Images -> features -> statistics -> distance
-
-def as_uint8_images(images):
-    """uint8 torch [N, C, H, W] from: numpy uint8 [N, H, W] or [N, H, W, C], or torch uint8
-    [N, C, H, W]. Float torch images in [0, 1] are quantised to uint8 first, exactly as saving
-    them to a PNG would (data.save_grid), so FID sees what a user would see."""
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8:
-            raise ValueError(f"images: numpy arrays must be uint8, got {images.dtype}")
-        x = torch.from_numpy(images)
-        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2) if x.ndim == 4 else x
-    else:
-        x = torch.as_tensor(images).detach().cpu()
-        if x.is_floating_point():
-            x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images: expected uint8 N x H x W or N x H x W x C (numpy) or "
-                         f"N x C x H x W (torch) with C in (1, 3), got {x.dtype} "
-                         f"{tuple(images.shape)}")
-    return x.contiguous()
-
 
 def _default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,7 +59,7 @@ def inception_features(images, batch_size=50, device=None, weights=None, model=N
     device = device or _default_device()
     if model is None:
         model = load_inception(weights, device)
-    images = as_uint8_images(images)
+    images = data.as_uint8_images(images)
     n = len(images)
     features = np.empty((n, 2048), dtype=np.float32)
     start = last_report = time.time()
@@ -160,14 +140,14 @@ def _covariance_eigh(matrix, which):
 
 def fid(generated, reference, device=None, weights=None, model=None, reference_cache=None,
         batch_size=50, progress=_stderr):
-    """FID between `generated` and `reference` images (uint8 arrays as in `as_uint8_images`).
+    """FID between `generated` and `reference` images (any layout data.as_uint8_images takes).
 
     `model` is a loaded FIDInception (without it, the file `weights` is loaded, by default
     pytorch-fid's). `reference_cache`, an .npz path, keeps the reference side's statistics
     across calls, since the same real images are usually embedded again and again (see
     `reference_stats`). The reference side is done first, so a refused cache costs nothing."""
     device = device or _default_device()
-    generated = as_uint8_images(generated)  # a bad layout fails now, not after the reference
+    generated = data.as_uint8_images(generated)  # a bad layout fails now, not later
     if model is None:
         model = load_inception(weights, device)
     mu_ref, sigma_ref = reference_stats(reference, reference_cache, device, model=model,
@@ -186,7 +166,7 @@ def reference_stats(images, cache_path=None, device=None, weights=None, model=No
     FID would be silent). It is written atomically, so an interrupted run leaves no bad cache.
     It assumes the standard weights: use another path for any other file. The statistics
     describe the real images, so keep the cache as private as they are."""
-    images = as_uint8_images(images)
+    images = data.as_uint8_images(images)
     if cache_path is None:
         return feature_statistics(inception_features(images, batch_size, device, weights,
                                                      model, progress))
@@ -259,96 +239,6 @@ def _first_line(error):
 
 
 # ---------------------------------------------------------------------------------------------
-# Classification accuracy: train on synthetic, choose the epoch on held-out synthetic, test real
-
-class SmallCNN(nn.Module):
-    """Three 3x3 conv layers (32-64-128, each ReLU + 2x2 max pool), FC 128, FC classes."""
-
-    def __init__(self, channels, size, num_classes):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(128 * (size // 8) ** 2, 128),
-                                  nn.ReLU(), nn.Linear(128, num_classes))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-@torch.no_grad()
-def _accuracy(model, images, labels, device, batch_size=1000):
-    model.eval()
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device).float() / 255.0
-        correct += (model(x).argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
-    return correct / len(images)
-
-
-def classifier_accuracy(train_images, train_labels, test_images, test_labels, num_classes=10,
-                        epochs=10, batch_size=64, lr=1e-3, val_fraction=0.1, seed=0,
-                        device=None, progress=_stderr):
-    """Train SmallCNN on (synthetic) train images, keep the epoch with the best accuracy on a
-    held-out `val_fraction` of them, and return its accuracy on the (real) test set.
-
-    The official code trains 50 epochs with Adam at lr 3e-4; the defaults here (10 epochs at
-    1e-3) keep a few thousand images to about a minute on a CPU. Returns a dict with
-    test_accuracy, val_accuracy, best_epoch, epochs, n_train, n_val, n_test."""
-    if epochs < 1:
-        raise ValueError(f"epochs: need at least 1, got {epochs}")
-    device = device or _default_device()
-    train_images, test_images = as_uint8_images(train_images), as_uint8_images(test_images)
-    train_labels = torch.as_tensor(train_labels).long()
-    test_labels = torch.as_tensor(test_labels).long()
-    if train_images.shape[1:] != test_images.shape[1:]:
-        raise ValueError(f"train_images: shape {tuple(train_images.shape[1:])} differs from the "
-                         f"test images' {tuple(test_images.shape[1:])}")
-    for name, labels, images in (("train_labels", train_labels, train_images),
-                                 ("test_labels", test_labels, test_images)):
-        if (len(labels) != len(images) or len(labels) < 2
-                or not 0 <= labels.min() <= labels.max() < num_classes):
-            raise ValueError(f"{name}: need one label in 0..{num_classes - 1} per image "
-                             f"(and at least 2 images)")
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train_images), generator=generator)
-    n_val = max(1, int(round(val_fraction * len(train_images))))
-    val_idx, fit_idx = order[:n_val], order[n_val:]
-    # Initialise from a forked global RNG so the weights depend on `seed` only and the
-    # caller's random state is left untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SmallCNN(train_images.shape[1], train_images.shape[2], num_classes)
-    model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    best = (-1.0, 0, None)  # (validation accuracy, epoch, weights)
-    for epoch in range(1, epochs + 1):
-        model.train()
-        shuffled = fit_idx[torch.randperm(len(fit_idx), generator=generator)]
-        total_loss = 0.0
-        for i in range(0, len(shuffled), batch_size):
-            idx = shuffled[i:i + batch_size]
-            x = train_images[idx].to(device).float() / 255.0
-            loss = F.cross_entropy(model(x), train_labels[idx].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(idx)
-        val_acc = _accuracy(model, train_images[val_idx], train_labels[val_idx], device)
-        if progress:
-            progress(f"classifier epoch {epoch}/{epochs}: mean loss "
-                     f"{total_loss / len(shuffled):.4f}, held-out synthetic accuracy {val_acc:.4f}")
-        if val_acc > best[0]:  # strict: ties keep the earlier epoch
-            best = (val_acc, epoch, {k: v.clone() for k, v in model.state_dict().items()})
-    model.load_state_dict(best[2])
-    # The test set is used exactly once, after the epoch has been chosen.
-    return dict(test_accuracy=_accuracy(model, test_images, test_labels, device),
-                val_accuracy=best[0], best_epoch=best[1], epochs=epochs,
-                n_train=len(fit_idx), n_val=n_val, n_test=len(test_images))
-
-
-# ---------------------------------------------------------------------------------------------
 
 class _OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad argument (e.g. `--n abc`) in one line, not the whole usage
@@ -383,7 +273,7 @@ def _read_samples(path, dataset):
     """Images (uint8 [N, C, H, W]) and labels (int64 [N]) of a samples .npz, checked to fit
     `dataset`: one ValueError line otherwise."""
     arrays = _read_npz(path, ("images", "labels"), "samples", "corrupt or truncated file?")
-    images, labels = as_uint8_images(arrays["images"]), arrays["labels"]
+    images, labels = data.as_uint8_images(arrays["images"]), arrays["labels"]
     info = data.INFO[dataset]
     if tuple(images.shape[1:]) != (info["channels"], info["size"], info["size"]):
         raise ValueError(f"samples: images of shape {tuple(images.shape[1:])} (C, H, W) do "

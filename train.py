@@ -26,6 +26,7 @@ import torch
 
 import accountant
 import central
+import classifier
 import data
 import diffusion
 import distributed
@@ -158,7 +159,7 @@ def evaluate_release(images, labels, cfg, data_dir, device, weights, fid_cache, 
     test set), and FID against the first fid_n real training images. Both read real data outside
     the guarantee, as in the paper: they measure the release, they are not part of it."""
     test_images, test_labels = data.load(cfg.dataset, "test", data_dir)
-    metrics = dict(accuracy=evaluate.classifier_accuracy(
+    metrics = dict(accuracy=classifier.classifier_accuracy(
         images, labels, test_images, test_labels, data.INFO[cfg.dataset]["classes"],
         cfg.classifier_epochs, lr=cfg.classifier_lr, seed=0, device=device, progress=progress))
     print(f"[evaluate] accuracy on the real test set: {metrics['accuracy']['test_accuracy']:.4f}")

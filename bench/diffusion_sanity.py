@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import diffusion  # noqa: E402
-import evaluate  # noqa: E402
+import classifier  # noqa: E402
 
 
 def train_diffusion(images, labels, args, generator):
@@ -55,9 +55,9 @@ def train_diffusion(images, labels, args, generator):
 
 
 def train_classifier(images, labels, test_images, test_labels, minutes, generator):
-    """evaluate.SmallCNN on real MNIST for a fixed time; returns it and its real test accuracy."""
+    """classifier.SmallCNN on real MNIST for a fixed time; returns it and its real test accuracy."""
     torch.manual_seed(0)  # its initialisation
-    model = evaluate.SmallCNN(1, 28, 10)
+    model = classifier.SmallCNN(1, 28, 10)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     started = time.time()
     while time.time() - started < 60 * minutes:

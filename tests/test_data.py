@@ -153,3 +153,23 @@ def test_cifar10_damaged_archive_gives_one_data_error_line(tmp_path):
         archive.write_bytes(damage(original))
         one_line_data_error(lambda: data.load("cifar10", "test", str(tmp_path)), str(archive),
                             "corrupt or truncated")
+
+
+# ---- image layouts --------------------------------------------------------------------------
+
+def test_image_layouts_become_uint8_nchw():
+    g = np.random.default_rng(0)
+    gray = g.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    rgb = g.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    assert torch.equal(data.as_uint8_images(gray), torch.from_numpy(gray)[:, None])
+    assert torch.equal(data.as_uint8_images(rgb), torch.from_numpy(rgb).permute(0, 3, 1, 2))
+    nchw = torch.from_numpy(rgb).permute(0, 3, 1, 2)
+    assert torch.equal(data.as_uint8_images(nchw), nchw)
+    # Float images are quantised like a saved PNG: round(255 x), clamped to [0, 1] first.
+    floats = torch.tensor([0.0, 0.5, 1.0, 1.5, -1.0, 0.2]).view(6, 1, 1, 1)
+    expected = torch.tensor([0, 128, 255, 255, 0, 51], dtype=torch.uint8).view(6, 1, 1, 1)
+    assert torch.equal(data.as_uint8_images(floats), expected)
+    with pytest.raises(ValueError, match="images"):
+        data.as_uint8_images(gray[:, None])  # numpy N x 1 x H x W is not a listed layout
+    with pytest.raises(ValueError, match="uint8"):
+        data.as_uint8_images(gray.astype(np.float32))

@@ -150,26 +150,6 @@ def test_cli_prints_weights_error_and_exits_2(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and bad in err
 
 
-# ---- image layouts --------------------------------------------------------------------------
-
-def test_image_layouts_become_uint8_nchw():
-    g = np.random.default_rng(0)
-    gray = g.integers(0, 256, (5, 28, 28), dtype=np.uint8)
-    rgb = g.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    assert torch.equal(evaluate.as_uint8_images(gray), torch.from_numpy(gray)[:, None])
-    assert torch.equal(evaluate.as_uint8_images(rgb), torch.from_numpy(rgb).permute(0, 3, 1, 2))
-    nchw = torch.from_numpy(rgb).permute(0, 3, 1, 2)
-    assert torch.equal(evaluate.as_uint8_images(nchw), nchw)
-    # Float images are quantised like a saved PNG: round(255 x), clamped to [0, 1] first.
-    floats = torch.tensor([0.0, 0.5, 1.0, 1.5, -1.0, 0.2]).view(6, 1, 1, 1)
-    expected = torch.tensor([0, 128, 255, 255, 0, 51], dtype=torch.uint8).view(6, 1, 1, 1)
-    assert torch.equal(evaluate.as_uint8_images(floats), expected)
-    with pytest.raises(ValueError, match="images"):
-        evaluate.as_uint8_images(gray[:, None])  # numpy N x 1 x H x W is not a listed layout
-    with pytest.raises(ValueError, match="uint8"):
-        evaluate.as_uint8_images(gray.astype(np.float32))
-
-
 # ---- statistics and Frechet distance --------------------------------------------------------
 
 def closed_form_fid(mu1, s1, mu2, s2):
@@ -344,44 +324,6 @@ def test_fid_hands_generated_and_cached_reference_statistics_to_the_distance(
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
     with np.load(cache) as cached:
         assert int(cached["count"]) == len(reference)
-
-
-# ---- classifier -----------------------------------------------------------------------------
-
-def test_classifier_reaches_high_accuracy_on_real_mnist(mnist_dir):
-    train_images, train_labels = data.load("mnist", "train", mnist_dir)
-    test_images, test_labels = data.load("mnist", "test", mnist_dir)
-    result = evaluate.classifier_accuracy(train_images[:3000], train_labels[:3000],
-                                          test_images[:2000], test_labels[:2000], epochs=4,
-                                          batch_size=32, device="cpu", progress=None)
-    assert result["test_accuracy"] > 0.9  # ~0.945 when written; a broken CNN gets ~0.1
-    assert result["n_train"] + result["n_val"] == 3000 and result["n_test"] == 2000
-    assert 1 <= result["best_epoch"] <= 4
-
-
-def test_classifier_epoch_choice_ignores_the_test_set_and_is_seeded():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8, generator=g)
-    labels = (images.float().mean((1, 2, 3)) > 127.5).long()  # learnable: brightness
-    test_images = torch.randint(0, 256, (200, 1, 28, 28), dtype=torch.uint8, generator=g)
-    test_labels = (test_images.float().mean((1, 2, 3)) > 127.5).long()
-    run = lambda labels_for_test: evaluate.classifier_accuracy(
-        images, labels, test_images, labels_for_test, num_classes=2, epochs=3, seed=5,
-        device="cpu", progress=None)
-    honest, flipped = run(test_labels), run(1 - test_labels)
-    # Same seed -> same training; the test labels must not change which epoch is chosen.
-    assert honest["best_epoch"] == flipped["best_epoch"]
-    assert honest["val_accuracy"] == flipped["val_accuracy"]
-    assert honest["test_accuracy"] == pytest.approx(1 - flipped["test_accuracy"])
-
-
-def test_classifier_refuses_zero_epochs_in_one_line():
-    # With no epoch there is no model to choose: one clear line, not a failed load_state_dict.
-    images = random_images(4, seed=0)
-    with pytest.raises(ValueError) as e:
-        evaluate.classifier_accuracy(images, torch.arange(4), images, torch.arange(4),
-                                     epochs=0, device="cpu", progress=None)
-    one_line_error(e, "epochs", "0")
 
 
 # ---- command line ---------------------------------------------------------------------------
