@@ -31,6 +31,18 @@ def _groups(channels):
     return math.gcd(channels, min(32, max(1, channels // 4)))
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm computed in float32, also under bfloat16 autocast.
+
+    CUDA's autocast already runs group_norm in float32; the CPU's leaves it in bfloat16, where
+    the statistics of a group lose precision and, under vmap, torch 2.13's per-example backward
+    of group_norm fails on the mixed input and gradient dtypes. The next convolution casts the
+    float32 output back to bfloat16 under autocast; without autocast this is nn.GroupNorm."""
+
+    def forward(self, x):
+        return super().forward(x.float())
+
+
 def timestep_embedding(t, dim):
     """Transformer-style sinusoidal embedding of integer timesteps t [B] -> [B, dim]."""
     half = dim // 2
@@ -44,7 +56,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.norm = GroupNorm(_groups(channels), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -61,10 +73,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch, out_ch, emb_dim, attention=False):
         super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
+        self.norm1 = GroupNorm(_groups(in_ch), in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.norm2 = GroupNorm(_groups(out_ch), out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.attention = SelfAttention(out_ch) if attention else nn.Identity()
@@ -141,7 +153,7 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(Upsample(ch))
                 res *= 2
-        self.norm_out = nn.GroupNorm(_groups(ch), ch)
+        self.norm_out = GroupNorm(_groups(ch), ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
         # Zero output: the untrained model predicts eps = 0, a calm start (loss = 1).
         nn.init.zeros_(self.conv_out.weight)

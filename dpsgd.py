@@ -42,6 +42,19 @@ def check_per_example_independence(model):
             )
 
 
+def check_autocast_support(model):
+    """Under bfloat16 autocast on the CPU, an nn.GroupNorm runs in bfloat16 and torch 2.13's
+    per-example (vmap) backward of it fails on the mixed dtypes deep inside autograd. Refuse it
+    here in one line instead; a GroupNorm that computes in float32 (diffusion.GroupNorm) works,
+    and is what CUDA's autocast does anyway."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.GroupNorm) and type(module).forward is nn.GroupNorm.forward:
+            raise ValueError(
+                f"model: layer '{name}' (GroupNorm) would run in bfloat16 under autocast, where "
+                "torch's per-example backward fails; compute it in float32 (diffusion.GroupNorm) "
+                "or turn autocast off")
+
+
 def _trainable_params(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -67,11 +80,9 @@ def _per_example_grad_fn(model, per_example_loss, num_tensors, autocast=False):
     def grad_and_loss_of_one_example(params, *example):
         # This is torch.func.grad, spelled as vjp so that we can pass create_graph=False: grad
         # always records the backward pass for higher derivatives, which DP-SGD never takes;
-        # measured, that doubles the memory of a chunk. Same gradients either way. (Under
-        # autocast, torch 2.13's vmap rule for GroupNorm's backward fails on mixed dtypes
-        # without the recorded graph, so that path keeps grad's behaviour.)
+        # measured, that doubles the memory of a chunk. Same gradients either way.
         loss, backward = vjp(lambda p: loss_of_one_example(p, *example), params)
-        (grads,) = backward(torch.ones_like(loss), create_graph=autocast)
+        (grads,) = backward(torch.ones_like(loss), create_graph=False)
         return grads, loss
 
     # randomness="different": layers like dropout draw an independent mask per example, as in
@@ -87,15 +98,18 @@ def _chunks(batch_size, chunk_size):
     return [(s, min(s + chunk_size, batch_size)) for s in range(0, batch_size, chunk_size)]
 
 
-def per_sample_grads(model, per_example_loss, *batch_tensors, chunk_size=None):
+def per_sample_grads(model, per_example_loss, *batch_tensors, chunk_size=None, autocast=False):
     """Per-example gradients {parameter name: [B, *param.shape]} of per_example_loss.
 
     per_example_loss(model_callable, *tensors) -> [B]; every tensor in batch_tensors has the
-    examples along dim 0. Gradients are computed chunk_size examples at a time (None: all).
+    examples along dim 0. Gradients are computed chunk_size examples at a time (None: all),
+    with the forward pass under bfloat16 autocast if asked (as in clipped_sum).
     """
     check_per_example_independence(model)
+    if autocast:
+        check_autocast_support(model)
     params = {n: p.detach() for n, p in _trainable_params(model).items()}
-    grad_fn = _per_example_grad_fn(model, per_example_loss, len(batch_tensors))
+    grad_fn = _per_example_grad_fn(model, per_example_loss, len(batch_tensors), autocast)
     pieces = [grad_fn(params, *(t[s:e] for t in batch_tensors))[0]
               for s, e in _chunks(len(batch_tensors[0]), chunk_size)]
     return {n: torch.cat([piece[n] for piece in pieces]) for n in params}
@@ -191,6 +205,8 @@ def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
     Returns nothing: everything it could report about the batch is unprivatised.
     """
     check_per_example_independence(model)
+    if autocast:
+        check_autocast_support(model)
     _check_step_arguments(batch_tensors, clip_norm, sigma, expected_batch_size)
     summed = clipped_sum(model, per_example_loss, batch_tensors, clip_norm, chunk_size, autocast)
     if sum_over_processes is not None:
