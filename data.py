@@ -19,7 +19,7 @@ import zlib
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 INFO = {
     "mnist": dict(channels=1, size=28, classes=10),
@@ -201,3 +201,20 @@ def save_grid(images, path, nrow):
         grid[:, top:top + h, left:left + w] = images[i]
     array = grid.permute(1, 2, 0).numpy()
     Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
+
+
+def save_side_by_side(panels, path, gap=12):
+    """Put PNG pictures side by side in one PNG, each under its title, top-aligned so that the
+    rows of grids with one row per class line up. panels: [(title, png path)]; missing files
+    are left out (a run without central images has no such picture)."""
+    pictures = [(title, Image.open(p).convert("RGB")) for title, p in panels if os.path.exists(p)]
+    top = 14  # room for one line of PIL's built-in font
+    width = sum(picture.width for _, picture in pictures) + gap * (len(pictures) + 1)
+    height = top + max(picture.height for _, picture in pictures) + gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw, left = ImageDraw.Draw(canvas), gap
+    for title, picture in pictures:
+        draw.text((left, 1), title, fill="black")
+        canvas.paste(picture, (left, top))
+        left += picture.width + gap
+    canvas.save(path)

@@ -24,7 +24,7 @@ CHECKPOINT = "checkpoint.pt"
 REPORT = "report.json"
 # Every file a run writes; a folder holding any of them holds a run.
 RUN_FILES = (CHECKPOINT, REPORT, "central_images.png", "warmup_samples.png", "samples.png",
-             "samples.npz")
+             "stages.png", "samples.npz")
 _HEADER = b"DP-FETA checkpoint sha256="
 
 
@@ -68,28 +68,29 @@ def save_checkpoint(folder, state):
     atomic_write(os.path.join(folder, CHECKPOINT), lambda f: f.write(header + payload))
 
 
-def load_checkpoint(folder):
-    """The dict saved by save_checkpoint, after checking its SHA-256; one-line ValueErrors."""
+def load_checkpoint(folder, option="--resume"):
+    """The dict saved by save_checkpoint, after checking its SHA-256; one-line ValueErrors
+    that start with `option`, the command-line argument that named the folder."""
     path = os.path.join(folder, CHECKPOINT)
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise ValueError(f"--resume: no {CHECKPOINT} in {folder}") from None
+        raise ValueError(f"{option}: no {CHECKPOINT} in {folder}") from None
     except OSError as e:
-        raise ValueError(f"--resume: cannot read {path} ({e.strerror})") from None
+        raise ValueError(f"{option}: cannot read {path} ({e.strerror})") from None
     header, _, payload = raw.partition(b"\n")
     if not header.startswith(_HEADER):
-        raise ValueError(f"--resume: {path} is not a DP-FETA checkpoint (no header)")
+        raise ValueError(f"{option}: {path} is not a DP-FETA checkpoint (no header)")
     if hashlib.sha256(payload).hexdigest().encode() != header[len(_HEADER):]:
-        raise ValueError(f"--resume: {path} is damaged (its SHA-256 does not match); "
-                         f"it cannot be resumed")
+        raise ValueError(f"{option}: {path} is damaged (its SHA-256 does not match); "
+                         f"it cannot be used")
     try:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as e:  # a checksummed file that torch cannot read: a foreign writer
-        raise ValueError(f"--resume: cannot read {path} ({type(e).__name__})") from None
+        raise ValueError(f"{option}: cannot read {path} ({type(e).__name__})") from None
     if not isinstance(state, dict):
-        raise ValueError(f"--resume: {path} does not hold a checkpoint dict")
+        raise ValueError(f"{option}: {path} does not hold a checkpoint dict")
     return state
 
 

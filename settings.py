@@ -38,8 +38,9 @@ class Config:
     clip: float = 1.0              # per-example gradient clipping norm C
     ema: float = 0.999             # EMA decay of the weights during DP-SGD
     chunk: int = 256               # examples per per-example-gradient pass (memory, not privacy)
-    autocast: bool = False         # bfloat16 forward pass in DP-SGD (norms, clipping, noise stay fp32)
-    sample_steps: int = 0          # DDIM sampling steps (0: the 1000-step ancestral DDPM sampler)
+    autocast: bool = False         # bfloat16 network in DP-SGD and sampling (norms, clipping, noise stay fp32)
+    sample_steps: int = 0          # deterministic sampler steps (0: the 1000-step ancestral DDPM sampler)
+    solver: str = "ddim"           # deterministic sampler: ddim or dpm2m (DPM-Solver++(2M))
     guidance: float = 0.0          # classifier-free guidance weight w (0: plain conditional model)
     n_samples: int = 60000         # synthetic images to generate (uniformly random labels)
     fid_n: int = 60000             # images per side for FID (generated vs training); 0 skips FID
@@ -105,6 +106,7 @@ def parse_args(argv=None, description=None):
     setting("--chunk", type=int)
     setting("--autocast", action=argparse.BooleanOptionalAction)
     setting("--sample-steps", type=int)
+    setting("--solver", choices=diffusion.DDPM.SOLVERS)
     setting("--guidance", type=float)
     setting("--n-samples", type=int)
     setting("--fid-n", type=int)
@@ -128,9 +130,9 @@ def parse_args(argv=None, description=None):
 
 # Settings that only change what happens after training, with the train.py stage that uses
 # them: a resumed run may change them while that stage has not run yet.
-AFTER_TRAINING = dict(n_samples="synthesize", sample_steps="synthesize", guidance="synthesize",
-                      fid_n="evaluate_release", classifier_epochs="evaluate_release",
-                      classifier_lr="evaluate_release")
+AFTER_TRAINING = dict(n_samples="synthesize", sample_steps="synthesize", solver="synthesize",
+                      guidance="synthesize", fid_n="evaluate_release",
+                      classifier_epochs="evaluate_release", classifier_lr="evaluate_release")
 
 
 def settings_of(args, state, stage_names):
@@ -188,7 +190,8 @@ def check_settings(cfg):
         test, words = REQUIREMENTS.get(f.name, (lambda v: True, ""))
         if isinstance(value, (int, float)) and not (test(value) and value < float("inf")):
             raise ValueError(f"{flag(f.name)} must be {words}, got {value}")
-    for name, allowed in dict(dataset=data.INFO, model=diffusion.MODEL_SIZES).items():
+    for name, allowed in dict(dataset=data.INFO, model=diffusion.MODEL_SIZES,
+                              solver=diffusion.DDPM.SOLVERS).items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name}: unknown '{getattr(cfg, name)}', choose one of "
                              f"{', '.join(allowed)}")

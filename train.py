@@ -179,7 +179,7 @@ STAGES = (release_central_images, warm_up, train_dpsgd, synthesize, evaluate_rel
 
 def sample(model, labels, cfg, ddpm, public):
     return ddpm.sample(model, labels, public, steps=cfg.sample_steps or None,
-                       guidance=cfg.guidance)
+                       guidance=cfg.guidance, autocast=cfg.autocast, solver=cfg.solver)
 
 
 def save_sample_grid(model, cfg, ddpm, public, path):
@@ -272,6 +272,10 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
         runs.atomic_write(run.path("samples.npz"), lambda f: np.savez_compressed(
             f, images=images[..., 0] if images.shape[-1] == 1 else images, labels=labels))
         save_sample_grid(run.ema.model, cfg, run.ddpm, run.public, run.path("samples.png"))
+        data.save_side_by_side([("central images", run.path("central_images.png")),
+                                ("after the warm-up", run.path("warmup_samples.png")),
+                                ("final samples", run.path("samples.png"))],
+                               run.path("stages.png"))
         finished(synthesize)
     if run.stage <= STAGES.index(evaluate_release):
         def stop_point(message):  # evaluation's progress lines are its batch boundaries

@@ -10,8 +10,10 @@ convolutions and matrix products use TF32 on the GPU, and bfloat16 autocast) and
 one untimed step, then `--steps` timed ones; a chunk that does not fit in memory is reported
 and skipped. `--device cpu` runs the same code on the CPU (no peak memory; for checking it).
 
-Each row: examples/s, noise-draw images/s (examples x K), the step's peak GPU memory, and the
-paper protocol's 2250 steps of 4000 examples projected at that rate on one GPU. The official
+First the work: FLOPs per example counted by torch's FlopCounterMode, and the paper protocol's
+hours at a few sustained rates. Each row: examples/s, noise-draw images/s (examples x K), the
+FLOP rate that achieves, the step's peak GPU memory, and the paper protocol's 2250 steps of
+4000 examples projected at that rate on one GPU. The official
 code's rate to compare with is about 1,860 noise-draw images/s per A6000 GPU (its published
 11 to 20 hours on 3 to 4 GPUs for 150 epochs of 60,000 images x 32 draws).
 The last line: `RESULT best_images_per_s=<r> precision=<p> chunk=<c> projected_hours=<h>`.
@@ -60,6 +62,21 @@ def one_config(device, batch, chunk, autocast, steps):
     return min(times), torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else float("nan")
 
 
+def flops_per_example():
+    """Floating-point operations of one example's forward and backward pass (K draws), as
+    torch's FlopCounterMode counts them (convolutions and matrix products, which dominate).
+    Per-example weight gradients take the same FLOPs as summed ones (a batched product per
+    layer instead of one product), so this is also the DP step's network work per example."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = diffusion.make_unet("paper", 1, 28, 10)
+    ddpm = diffusion.DDPM(num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    y_in, t, noise = ddpm.draw_inputs(torch.tensor([3]), DRAWS, (1, 28, 28), g)
+    with FlopCounterMode(display=False) as counter:
+        ddpm.loss(model, torch.zeros(1, 1, 28, 28), y_in, t, noise).sum().backward()
+    return counter.get_total_flops()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
@@ -70,8 +87,13 @@ def main():
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     parameters = diffusion.count_parameters(diffusion.make_unet("paper", 1, 28, 10))
+    flops = flops_per_example()
+    total = PAPER_STEPS * PAPER_BATCH * flops
     print(f"torch {torch.__version__}, {name}, batch {args.batch}, K = {DRAWS}, model 'paper' "
-          f"({parameters} parameters)", flush=True)
+          f"({parameters} parameters)\n{flops / 1e9:.1f} GFLOP per example (forward and "
+          f"backward, K draws); the paper protocol is {total / 1e15:,.0f} PFLOP of network work: "
+          + ", ".join(f"{total / (r * 1e12) / 3600:.1f} h at {r} TFLOP/s sustained"
+                      for r in (25, 100, 400)), flush=True)
     best = None
     for autocast in (False, True):
         precision = "bf16 autocast" if autocast else "float32/TF32"
@@ -85,8 +107,9 @@ def main():
             rate = args.batch / seconds
             hours = PAPER_STEPS * PAPER_BATCH / rate / 3600
             print(f"{precision:14s} chunk {chunk:4d}: {rate:8.1f} examples/s, "
-                  f"{rate * DRAWS:9.0f} noise-draw images/s, peak {peak:8.0f} MiB, "
-                  f"paper protocol {hours:7.1f} h on this device", flush=True)
+                  f"{rate * DRAWS:9.0f} noise-draw images/s, {rate * flops / 1e12:7.2f} TFLOP/s, "
+                  f"peak {peak:8.0f} MiB, paper protocol {hours:7.1f} h on this device",
+                  flush=True)
             if best is None or rate > best[0]:
                 best = (rate, precision.split()[0], chunk, hours)
     rate, precision, chunk, hours = best

@@ -17,11 +17,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import inception
 import randomness
 import runs
+import sample
 import settings
 import train
 
@@ -108,9 +110,19 @@ def finished_run(mnist_dir, tmp_path_factory):
 
 def test_every_stage_end_to_end(finished_run):
     out, printed = finished_run
-    for name in ("central_images.png", "warmup_samples.png", "samples.png", "samples.npz",
-                 "checkpoint.pt", "report.json"):
+    for name in ("central_images.png", "warmup_samples.png", "samples.png", "stages.png",
+                 "samples.npz", "checkpoint.pt", "report.json"):
         assert (out / name).exists(), name
+    # stages.png: the three pictures side by side, top-aligned, each one unchanged inside it.
+    panels = [Image.open(out / name).convert("RGB")
+              for name in ("central_images.png", "warmup_samples.png", "samples.png")]
+    stages = Image.open(out / "stages.png")
+    left = 12
+    for panel in panels:
+        box = (left, 14, left + panel.width, 14 + panel.height)
+        assert np.array_equal(np.asarray(stages.crop(box)), np.asarray(panel))
+        left += panel.width + 12
+    assert stages.width == left
     report = read_report(out)
     plan, spent = report["privacy_plan"], report["privacy_spent"]
     # The ledger holds what really ran: both mechanisms, with the planned DP-SGD steps, at the
@@ -392,3 +404,51 @@ def test_only_the_two_mechanisms_read_the_sensitive_set():
     assert "secret" in inspect.signature(train.train_dpsgd).parameters
     for stage in (train.warm_up, train.synthesize, train.evaluate_release):
         assert not {"secret", "sensitive_images"} & set(inspect.signature(stage).parameters)
+
+
+# ------------------------------------------------------------------------- sample.py
+# More images from a finished run: sampling is post-processing, so it must only read the run.
+
+def run_sample(argv, capsys):
+    try:
+        code = sample.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr()
+
+
+def test_draws_any_number_of_images_and_leaves_the_run_untouched(finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    digest = folder_digest(out)
+    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
+    for path in (first, second):
+        code, printed = run_sample([out, "--n", 30, "--out", path, "--seed", 1], capsys)
+        assert code == 0 and "no privacy spent" in printed.out
+    a, b = np.load(first), np.load(second)
+    assert a["images"].shape == (30, 1, 28, 28) and a["images"].dtype == np.uint8
+    assert a["labels"].shape == (30,) and 0 <= a["labels"].min() <= a["labels"].max() < 10
+    assert np.array_equal(a["images"], b["images"])  # a seed fixes the draw
+    code, _ = run_sample([out, "--n", 30, "--out", tmp_path / "c.npz"], capsys)
+    assert code == 0 and not np.array_equal(np.load(tmp_path / "c.npz")["images"], a["images"])
+    assert folder_digest(out) == digest  # the run folder is only read
+
+
+@pytest.mark.parametrize("case", ["exists", "unfinished", "bad n", "no run", "bad solver"])
+def test_bad_input_is_one_line_and_nothing_is_written(case, finished_run, stopped_in_dpsgd,
+                                                      tmp_path, capsys):
+    out, _ = finished_run
+    target = tmp_path / "out.npz"
+    argv = {"exists": [out, "--n", 5, "--out", target],
+            "unfinished": [stopped_in_dpsgd, "--n", 5, "--out", target],
+            "bad n": [out, "--n", 0, "--out", target],
+            "no run": [tmp_path / "nowhere", "--n", 5, "--out", target],
+            "bad solver": [out, "--n", 5, "--out", target, "--solver", "euler"]}[case]
+    if case == "exists":
+        target.write_bytes(b"keep me")
+    code, printed = run_sample(argv, capsys)
+    assert code == 2
+    err = printed.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    if case == "unfinished":
+        assert "not finished training" in err and "--resume" in err
+    assert (target.read_bytes() == b"keep me") if case == "exists" else not target.exists()
