@@ -56,7 +56,8 @@ def classifier_accuracy(train_images, train_labels, test_images, test_labels, nu
     if epochs < 1:
         raise ValueError(f"epochs: need at least 1, got {epochs}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    train_images, test_images = data.as_uint8_images(train_images), data.as_uint8_images(test_images)
+    train_images = data.as_uint8_images(train_images)
+    test_images = data.as_uint8_images(test_images)
     train_labels = torch.as_tensor(train_labels).long()
     test_labels = torch.as_tensor(test_labels).long()
     if train_images.shape[1:] != test_images.shape[1:]:

@@ -360,7 +360,8 @@ class DDPM:
 
     def _timesteps(self, steps):
         # Evenly spaced timesteps from T-1 down to 0 (Song et al.'s "linear" selection).
-        return torch.linspace(self.num_steps - 1, 0, steps).round().long().unique_consecutive().tolist()
+        ts = torch.linspace(self.num_steps - 1, 0, steps).round().long().unique_consecutive()
+        return ts.tolist()
 
     def _ddim(self, model, x, y, guidance, steps):
         """DDIM, Song et al. eq. 12 with eta = 0 (deterministic) on a subsequence of timesteps:
@@ -414,14 +415,17 @@ class DDPM:
 
     SOLVERS = ("ddim", "dpm2m")
 
-    def sample(self, model, labels, generator, steps=None, guidance=0.0, batch_size=500,
+    def sample(self, model, labels, generator, steps=None, guidance=0.0, batch_size=None,
                image_shape=None, autocast=False, solver="ddim"):
         """Generate images for the given labels -> uint8 [n, C, H, W] on the CPU.
 
         labels: int64 [n], or an int n to draw n labels uniformly. steps: None for the full
         ancestral sampler (T model calls), else the number of deterministic steps (network
         calls) of `solver`: "ddim" or "dpm2m" (DPM-Solver++(2M)). guidance: w >= 0.
-        image_shape (C, H, W) defaults to the UNet's. Memory is bounded by batch_size.
+        image_shape (C, H, W) defaults to the UNet's. Memory is bounded by batch_size, the
+        images per network pass: by default 100 on a CPU (on 2 cores, 50 to 100 ran twice as
+        fast per image as 500, whose activations no longer fit in the caches:
+        bench/sampling_speed.py) and 500 elsewhere (a GPU wants large batches).
         autocast: the network runs under bfloat16 autocast (fast on CPUs with bf16 units and on
         GPUs); the sampler's own arithmetic stays float64 either way."""
         if isinstance(labels, int):
@@ -439,6 +443,7 @@ class DDPM:
             image_shape = (model.in_channels, model.image_size, model.image_size)
         params = list(model.parameters()) if isinstance(model, nn.Module) else []
         device = params[0].device if params else labels.device
+        batch_size = batch_size or (100 if device.type == "cpu" else 500)
         # The schedule is float64; keep the arithmetic in float64 and feed the model float32.
         def float_model(x, t, y):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):

@@ -1,6 +1,6 @@
 """Draw more synthetic images from a trained run, without training again.
 
-    python sample.py runs/mnist-eps1 --n 10000                       # -> runs/mnist-eps1/more_samples.npz
+    python sample.py runs/mnist-eps1 --n 10000        # -> runs/mnist-eps1/more_samples.npz
     python sample.py runs/mnist-eps1 --n 60000 --out mnist60k.npz --steps 20 --solver dpm2m
 
 The images come from the run's EMA weights, which are themselves post-processing of the
@@ -22,7 +22,7 @@ import diffusion
 import runs
 import settings
 
-BATCH = 500  # images per sampler call: memory, not quality
+BATCH = 500  # images per sampler call, a progress line after each
 
 
 def load_trained_model(folder):

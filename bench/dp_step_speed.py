@@ -160,7 +160,8 @@ def profile(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256, help="logical batch for the speed test")
-    parser.add_argument("--draws", type=int, default=1, help="noise draws K per example (CPU preset: 1)")
+    parser.add_argument("--draws", type=int, default=1,
+                        help="noise draws K per example (CPU preset: 1)")
     parser.add_argument("--chunk", type=int, default=64,
                         help="the chunk of the same-dtype ratio, the memory test and --profile "
                              "(CPU preset: 64)")
@@ -171,7 +172,8 @@ def main():
     parser.add_argument("--autocast", action="store_true", help="--profile under bf16 autocast")
     parser.add_argument("--memory-batches", type=int, nargs=2, default=[512, 4096])
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables and exit")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler tables and exit")
     parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:

@@ -8,7 +8,8 @@ The logical batch only sets how many chunks a step has (the paper's is 4000; a s
 measures the same per-example rate in less time). For each precision (float32, whose
 convolutions and matrix products use TF32 on the GPU, and bfloat16 autocast) and chunk size:
 one untimed step, then `--steps` timed ones; a chunk that does not fit in memory is reported
-and skipped. `--device cpu` runs the same code on the CPU (no peak memory; for checking it).
+and skipped. `--device cpu` runs the same code on the CPU, where the memory column is the
+growth of the process's peak resident set (run one chunk size per call to read it).
 
 First the work: FLOPs per example counted by torch's FlopCounterMode, and the paper protocol's
 hours at a few sustained rates. Each row: examples/s, noise-draw images/s (examples x K), the
@@ -20,6 +21,7 @@ The last line: `RESULT best_images_per_s=<r> precision=<p> chunk=<c> projected_h
 """
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -44,6 +46,7 @@ def one_config(device, batch, chunk, autocast, steps):
     x0 = (torch.rand(batch, 1, 28, 28, generator=generator) * 2 - 1).to(device)
     labels = torch.randint(0, 10, (batch,), generator=generator)
     cuda = device.type == "cuda"
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
     times = []
     for step in range(steps + 1):
         y_in, t, noise = ddpm.draw_inputs(labels, DRAWS, (1, 28, 28), generator)
@@ -59,7 +62,11 @@ def one_config(device, batch, chunk, autocast, steps):
             torch.cuda.synchronize(device)
         if step:  # the first step compiles kernels and warms the allocator
             times.append(time.perf_counter() - start)
-    return min(times), torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else float("nan")
+    if cuda:
+        return min(times), torch.cuda.max_memory_allocated(device) / 2 ** 20
+    # On the CPU: how far the process's peak resident set grew (only the first configuration
+    # of a call, or one larger than all before it, is measured by this).
+    return min(times), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
 
 
 def flops_per_example():

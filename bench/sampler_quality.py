@@ -1,0 +1,82 @@
+"""Do the faster sampler settings keep quality? FID of several samplers on one trained model.
+
+    python bench/sampler_quality.py [--minutes 10] [--n 1000] [--data-dir ../shared/data/mnist]
+
+A small UNet is trained non-privately on real MNIST for --minutes (bench/diffusion_sanity.py's
+loop; saved, and reused on the next call), then each sampler variant draws --n images with the
+CPU preset's guidance and the FID of each set against the first --n training images is computed
+(1,000 vs 1,000, as in the README). The spread between the two float32 DDIM sets that differ
+only in their seed is the run-to-run noise that every other difference is compared with.
+Needs the FID Inception weights. The last line: `RESULT noise=<|FID seed 0 - seed 1|>
+<variant>=<FID - FID of the float32 DDIM seed 0> ...`.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo, not bench/
+sys.path.insert(1, os.path.join(sys.path[0], "bench"))
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import diffusion  # noqa: E402
+import evaluate  # noqa: E402
+import inception  # noqa: E402
+import settings  # noqa: E402
+from diffusion_sanity import train_diffusion  # noqa: E402
+
+# name: (solver, steps, bf16 autocast, seed, images per network batch)
+VARIANTS = {
+    "ddim25-fp32-b500": ("ddim", 25, False, 0, 500),  # the CPU preset's sampler until now
+    "ddim25-fp32-b500-seed1": ("ddim", 25, False, 1, 500),
+    "ddim25-bf16-b100": ("ddim", 25, True, 0, 100),
+    "dpm2m15-bf16-b100": ("dpm2m", 15, True, 0, 100),
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=10.0, help="non-private training time")
+    p.add_argument("--n", type=int, default=1000, help="images per FID side")
+    p.add_argument("--data-dir", default=os.path.join(sys.path[0], "..", "shared", "data", "mnist"))
+    p.add_argument("--out", default=os.path.join(sys.path[0], "bench", "out", "sampler_quality"))
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    images, labels = data.load("mnist", "train", args.data_dir)
+    model_path = os.path.join(args.out, "model.pt")
+    if os.path.exists(model_path):
+        model = diffusion.make_unet("small", 1, 28, 10)
+        model.load_state_dict(torch.load(model_path, weights_only=True))
+    else:
+        train_args = argparse.Namespace(model="small", num_steps=1000, schedule="linear",
+                                        timestep_dist="uniform", ema=0.995, lr=2e-3, batch=64,
+                                        minutes=args.minutes)
+        model, _, _ = train_diffusion(images, labels, train_args, torch.Generator().manual_seed(0))
+        torch.save(model.state_dict(), model_path)
+    model.eval()
+    ddpm = diffusion.DDPM()
+    fid_network = inception.load_inception(None, "cpu")
+    cache = os.path.join(args.out, f"fid_stats_mnist_train_{args.n}.npz")
+    fids = {}
+    for name, (solver, steps, autocast, seed, batch) in VARIANTS.items():
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed)
+        sample_labels = torch.randint(10, (args.n,), generator=generator)
+        samples = ddpm.sample(model, sample_labels, generator, steps=steps,
+                              guidance=settings.CPU.guidance, batch_size=batch,
+                              autocast=autocast, solver=solver)
+        seconds = time.perf_counter() - started
+        fids[name] = evaluate.fid(samples, images[:args.n], "cpu", model=fid_network,
+                                  reference_cache=cache, progress=None)
+        data.save_grid(samples[:100], os.path.join(args.out, f"{name}.png"), nrow=10)
+        print(f"{name:24s} FID {fids[name]:7.2f}  ({args.n / seconds:.2f} images/s)", flush=True)
+    base = fids["ddim25-fp32-b500"]
+    print("RESULT noise={:.2f} ".format(abs(base - fids["ddim25-fp32-b500-seed1"]))
+          + " ".join(f"{name}={fid - base:+.2f}" for name, fid in fids.items()
+                     if name not in ("ddim25-fp32-b500", "ddim25-fp32-b500-seed1")))
+
+
+if __name__ == "__main__":
+    main()
