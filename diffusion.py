@@ -3,11 +3,10 @@
 Notation follows Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models" (2020):
   forward process  q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)            (eq. 4)
   training loss    || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2   (eq. 14)
-  sampling         Algorithm 2 (ancestral), with the posterior mean of eq. 7
-and DDIM (Song, Meng & Ermon 2021, eq. 12 with eta = 0) for fast deterministic sampling.
+  posterior        q(x_{t-1} | x_t, x_0), eq. 7: its coefficients, for the samplers
 Class conditioning uses classifier-free guidance (Ho & Salimans 2022): during training the label
-is replaced by a "null" label K with probability p_uncond; at sampling time
-eps = (1 + w) eps(x, y) - w eps(x, null).
+is replaced by a "null" label K with probability p_uncond; samplers.py combines the two
+predictions, and holds the samplers (ancestral, DDIM, DPM-Solver++(2M)).
 
 Everything is written for DP-SGD: the loss is per example (shape [B]) and the model never mixes
 examples of a batch (GroupNorm, not BatchNorm), so torch.func.vmap(grad(...)) over single examples
@@ -240,7 +239,7 @@ def cosine_betas(num_steps, s=0.008):
 
 
 class DDPM:
-    """Noise schedule, forward noising, the per-example loss and the samplers.
+    """Noise schedule, forward noising and the per-example loss (the samplers: samplers.py).
 
     num_classes is the number of real labels K; label K is the null label for guidance.
     timestep_dist: "uniform" (Ho et al.), or "noisy": P(t) proportional to t + 1, which spends
@@ -325,141 +324,6 @@ class DDPM:
                     y_in.unsqueeze(1).expand(b, k).reshape(b * k))
         per_draw = ((eps - noise.reshape(b * k, *x0.shape[1:])) ** 2).mean(dim=(1, 2, 3))
         return per_draw.reshape(b, k).mean(dim=1)
-
-    # ---------------------------------------------------------------------- sampling
-    # Here t is a Python int: table[t] is a 0-dim CPU tensor, which torch applies to x on any
-    # device as a float64 scalar.
-
-    def _guided_eps(self, model, x, t, y, guidance):
-        """Classifier-free guidance: (1 + w) eps(x, y) - w eps(x, null); w = 0 is one pass."""
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        if guidance == 0:
-            return model(x, tt, y)
-        null = torch.full_like(y, self.num_classes)
-        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]),
-                                     torch.cat([y, null])).chunk(2)
-        return (1 + guidance) * eps_cond - guidance * eps_uncond
-
-    def _predict_x0(self, x, t, eps):
-        """x0_hat: eq. 4 solved for x_0, clipped to the data range [-1, 1] (as Ho et al.'s code)."""
-        x0 = (x - self.sqrt_one_minus_alphas_bar[t] * eps) / self.sqrt_alphas_bar[t]
-        return x0.clamp(-1, 1)
-
-    def _ancestral(self, model, x, y, guidance, generator):
-        """Algorithm 2: x_{t-1} ~ N(mu(x_t, x0_hat), beta_tilde_t I), t = T..1.
-
-        The mean is the posterior mean of eq. 7 with x0_hat in place of x_0 (the same as line 4
-        of Algorithm 2 while x0_hat needs no clipping); no noise is added at the last step."""
-        for t in reversed(range(self.num_steps)):
-            eps = self._guided_eps(model, x, t, y, guidance)
-            x0 = self._predict_x0(x, t, eps)
-            x = self.posterior_coef_x0[t] * x0 + self.posterior_coef_xt[t] * x
-            if t > 0:
-                x = x + self.posterior_std[t] * self._noise_like(x, generator)
-        return x
-
-    def _timesteps(self, steps):
-        # Evenly spaced timesteps from T-1 down to 0 (Song et al.'s "linear" selection).
-        ts = torch.linspace(self.num_steps - 1, 0, steps).round().long().unique_consecutive()
-        return ts.tolist()
-
-    def _ddim(self, model, x, y, guidance, steps):
-        """DDIM, Song et al. eq. 12 with eta = 0 (deterministic) on a subsequence of timesteps:
-        x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps."""
-        ts = self._timesteps(steps)
-        for i, t in enumerate(ts):
-            eps = self._guided_eps(model, x, t, y, guidance)
-            x0 = self._predict_x0(x, t, eps)
-            if i == len(ts) - 1:
-                return x0
-            # the eps that the clipped x0_hat implies, so that the step stays on eq. 4
-            eps = (x - self.sqrt_alphas_bar[t] * x0) / self.sqrt_one_minus_alphas_bar[t]
-            t_prev = ts[i + 1]
-            x = self.sqrt_alphas_bar[t_prev] * x0 + self.sqrt_one_minus_alphas_bar[t_prev] * eps
-        return x
-
-    def _dpm_solver_2m(self, model, x, y, guidance, steps):
-        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of the
-        same ODE as DDIM, on the same timesteps and with one network call per step.
-
-        With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and
-        h = lambda_next - lambda, a step is
-            x_next = (sigma_next / sigma) x + alpha_next (1 - e^-h) D.
-        D = x0_hat is exactly DDIM's step (eq. 12 rewritten); 2M instead extrapolates from the
-        previous step's x0_hat along lambda, D = (1 + 1/2r) x0_hat - (1/2r) x0_hat_prev with
-        r = h_prev / h. The first step has no previous x0_hat, and the last one stays first
-        order too (Lu et al.'s advice for few steps: with timesteps evenly spaced in t, the
-        last step covers a long stretch of lambda, where extrapolating was measured unstable)."""
-        ts = self._timesteps(steps)
-        alpha, sigma = self.sqrt_alphas_bar, self.sqrt_one_minus_alphas_bar
-        lam = (alpha / sigma).log()
-        x0_prev = h_prev = None
-        for i, t in enumerate(ts):
-            x0 = self._predict_x0(x, t, self._guided_eps(model, x, t, y, guidance))
-            if i == len(ts) - 1:
-                return x0
-            t_next = ts[i + 1]
-            h = lam[t_next] - lam[t]
-            d = x0
-            if x0_prev is not None and i < len(ts) - 2:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-            x = sigma[t_next] / sigma[t] * x + alpha[t_next] * (1 - torch.exp(-h)) * d
-            x0_prev, h_prev = x0, h
-        return x
-
-    @staticmethod
-    def _noise_like(x, generator):
-        # Drawn on the generator's device, so a seed gives the same images on CPU and GPU.
-        return torch.randn(x.shape, generator=generator, device=generator.device).to(x)
-
-    SOLVERS = ("ddim", "dpm2m")
-
-    def sample(self, model, labels, generator, steps=None, guidance=0.0, batch_size=None,
-               image_shape=None, autocast=False, solver="ddim"):
-        """Generate images for the given labels -> uint8 [n, C, H, W] on the CPU.
-
-        labels: int64 [n], or an int n to draw n labels uniformly. steps: None for the full
-        ancestral sampler (T model calls), else the number of deterministic steps (network
-        calls) of `solver`: "ddim" or "dpm2m" (DPM-Solver++(2M)). guidance: w >= 0.
-        image_shape (C, H, W) defaults to the UNet's. Memory is bounded by batch_size, the
-        images per network pass: by default 100 on a CPU (on 2 cores, 50 to 100 ran twice as
-        fast per image as 500, whose activations no longer fit in the caches:
-        bench/sampling_speed.py) and 500 elsewhere (a GPU wants large batches).
-        autocast: the network runs under bfloat16 autocast (fast on CPUs with bf16 units and on
-        GPUs); the sampler's own arithmetic stays float64 either way."""
-        if isinstance(labels, int):
-            labels = torch.randint(self.num_classes, (labels,), generator=generator,
-                                   device=generator.device)
-        if steps is not None and not 1 <= steps <= self.num_steps:
-            raise ValueError(f"steps: must be in 1..{self.num_steps} or None, got {steps}")
-        if guidance < 0:
-            raise ValueError(f"guidance: must be >= 0, got {guidance}")
-        if solver not in self.SOLVERS:
-            raise ValueError(f"solver: must be one of {', '.join(self.SOLVERS)}, got {solver!r}")
-        if image_shape is None:
-            if not hasattr(model, "image_size"):
-                raise ValueError("image_shape: required when the model is not a UNet")
-            image_shape = (model.in_channels, model.image_size, model.image_size)
-        params = list(model.parameters()) if isinstance(model, nn.Module) else []
-        device = params[0].device if params else labels.device
-        batch_size = batch_size or (100 if device.type == "cpu" else 500)
-        # The schedule is float64; keep the arithmetic in float64 and feed the model float32.
-        def float_model(x, t, y):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                return model(x.float(), t, y).double()
-        out = []
-        with torch.inference_mode():
-            for y in labels.to(device).split(batch_size):
-                x = self._noise_like(torch.empty(len(y), *image_shape, dtype=torch.float64,
-                                                 device=device), generator)
-                if steps is None:
-                    x = self._ancestral(float_model, x, y, guidance, generator)
-                else:
-                    solve = self._ddim if solver == "ddim" else self._dpm_solver_2m
-                    x = solve(float_model, x, y, guidance, steps)
-                out.append(to_uint8(x).cpu())
-        return torch.cat(out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 import data
 import diffusion
 import runs
+import samplers
 import settings
 
 BATCH = 500  # images per sampler call, a progress line after each
@@ -49,7 +50,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, required=True, help="number of images (labels uniform)")
     p.add_argument("--out", help="output .npz (default: RUN/more_samples.npz)")
     p.add_argument("--steps", type=int, help="sampler steps (0: ancestral; default: the run's)")
-    p.add_argument("--solver", choices=diffusion.DDPM.SOLVERS, help="default: the run's")
+    p.add_argument("--solver", choices=samplers.SOLVERS, help="default: the run's")
     p.add_argument("--guidance", type=float, help="guidance weight w (default: the run's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, help="fix the sampler's randomness (default: fresh)")
@@ -71,9 +72,9 @@ def main(argv=None):
         labels = torch.randint(ddpm.num_classes, (args.n,), generator=generator, device=device)
         pieces = []
         for i, batch in enumerate(labels.split(BATCH)):
-            pieces.append(ddpm.sample(model, batch, generator, steps=steps or None,
-                                      guidance=guidance, autocast=cfg.autocast,
-                                      solver=args.solver or cfg.solver))
+            pieces.append(samplers.sample(ddpm, model, batch, generator, steps=steps or None,
+                                          guidance=guidance, autocast=cfg.autocast,
+                                          solver=args.solver or cfg.solver))
             print(f"sampled {min((i + 1) * BATCH, args.n)}/{args.n}", flush=True)
         runs.atomic_write(out, lambda f: np.savez_compressed(
             f, images=torch.cat(pieces).numpy(), labels=labels.cpu().numpy()))

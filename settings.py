@@ -16,6 +16,7 @@ import torch
 
 import data
 import diffusion
+import samplers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +107,7 @@ def parse_args(argv=None, description=None):
     setting("--chunk", type=int)
     setting("--autocast", action=argparse.BooleanOptionalAction)
     setting("--sample-steps", type=int)
-    setting("--solver", choices=diffusion.DDPM.SOLVERS)
+    setting("--solver", choices=samplers.SOLVERS)
     setting("--guidance", type=float)
     setting("--n-samples", type=int)
     setting("--fid-n", type=int)
@@ -191,7 +192,7 @@ def check_settings(cfg):
         if isinstance(value, (int, float)) and not (test(value) and value < float("inf")):
             raise ValueError(f"{flag(f.name)} must be {words}, got {value}")
     for name, allowed in dict(dataset=data.INFO, model=diffusion.MODEL_SIZES,
-                              solver=diffusion.DDPM.SOLVERS).items():
+                              solver=samplers.SOLVERS).items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name}: unknown '{getattr(cfg, name)}', choose one of "
                              f"{', '.join(allowed)}")

@@ -35,6 +35,7 @@ import evaluate
 import inception
 import randomness
 import runs
+import samplers
 import settings
 
 
@@ -178,8 +179,8 @@ STAGES = (release_central_images, warm_up, train_dpsgd, synthesize, evaluate_rel
 
 
 def sample(model, labels, cfg, ddpm, public):
-    return ddpm.sample(model, labels, public, steps=cfg.sample_steps or None,
-                       guidance=cfg.guidance, autocast=cfg.autocast, solver=cfg.solver)
+    return samplers.sample(ddpm, model, labels, public, steps=cfg.sample_steps or None,
+                           guidance=cfg.guidance, autocast=cfg.autocast, solver=cfg.solver)
 
 
 def save_sample_grid(model, cfg, ddpm, public, path):

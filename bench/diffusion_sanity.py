@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import classifier  # noqa: E402
 import data  # noqa: E402
 import diffusion  # noqa: E402
-import classifier  # noqa: E402
+import samplers  # noqa: E402
 
 
 def train_diffusion(images, labels, args, generator):
@@ -108,8 +109,9 @@ def main(argv=None):
 
     sample_labels = torch.arange(10).repeat(args.n // 10 + 1)[:args.n]  # rows of 0..9 in the grid
     started = time.time()
-    samples = ddpm.sample(model, sample_labels, generator, steps=args.sample_steps or None,
-                          guidance=args.guidance, batch_size=50)
+    samples = samplers.sample(ddpm, model, sample_labels, generator,
+                              steps=args.sample_steps or None, guidance=args.guidance,
+                              batch_size=50)
     sample_seconds = time.time() - started
     print(f"sampled {args.n} images ({args.sample_steps or args.num_steps} steps, guidance "
           f"{args.guidance}) in {sample_seconds:.0f} s: {args.n / sample_seconds:.1f} img/s")

@@ -23,6 +23,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the
 import torch  # noqa: E402
 
 import diffusion  # noqa: E402
+import samplers  # noqa: E402
 import settings  # noqa: E402
 
 OLD = ("float32", 500)  # the sampler before: float32, 500 images per network pass
@@ -46,8 +47,8 @@ def main():
 
     def run(batch, autocast):
         labels = torch.arange(batch) % 10
-        ddpm.sample(model, labels, torch.Generator().manual_seed(0), steps=args.steps,
-                    guidance=cfg.guidance, batch_size=batch, autocast=autocast)
+        samplers.sample(ddpm, model, labels, torch.Generator().manual_seed(0), steps=args.steps,
+                        guidance=cfg.guidance, batch_size=batch, autocast=autocast)
 
     for (_, batch), autocast in variants.items():
         run(min(batch, 20), autocast)  # kernels set up: untimed

@@ -1,0 +1,158 @@
+"""Drawing images from a trained diffusion model: three samplers with classifier-free guidance.
+
+* ancestral: Ho et al. 2020, Algorithm 2 (T network calls, a fresh noise draw per step);
+* ddim: Song, Meng & Ermon 2021, eq. 12 with eta = 0 (deterministic, any number of steps);
+* dpm2m: DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (the same ODE as DDIM, second order).
+Guidance (Ho & Salimans 2022): eps = (1 + w) eps(x, y) - w eps(x, null), where null is the label
+the model was trained to read as "no label" (DDPM.num_classes).
+
+`sample` is the entry point; the samplers work on float64 x with a Python int t, so table[t] of a
+DDPM's float64 schedule is a 0-dim CPU tensor, which torch applies to x on any device as a scalar.
+Sampling reads only the trained model: it is post-processing and costs no privacy.
+"""
+import torch
+from torch import nn
+
+from diffusion import to_uint8
+
+SOLVERS = ("ddim", "dpm2m")
+
+
+def sample(ddpm, model, labels, generator, steps=None, guidance=0.0, batch_size=None,
+           image_shape=None, autocast=False, solver="ddim"):
+    """Generate images for the given labels -> uint8 [n, C, H, W] on the CPU.
+
+    ddpm: the diffusion.DDPM the model was trained with (its schedule and null label).
+    labels: int64 [n], or an int n to draw n labels uniformly. steps: None for the full
+    ancestral sampler (T model calls), else the number of deterministic steps (network
+    calls) of `solver`: "ddim" or "dpm2m" (DPM-Solver++(2M)). guidance: w >= 0.
+    image_shape (C, H, W) defaults to the UNet's. Memory is bounded by batch_size, the
+    images per network pass: by default 100 on a CPU (on 2 cores, 50 to 100 ran twice as
+    fast per image as 500, whose activations no longer fit in the caches:
+    bench/sampling_speed.py) and 500 elsewhere (a GPU wants large batches).
+    autocast: the network runs under bfloat16 autocast (fast on CPUs with bf16 units and on
+    GPUs); the sampler's own arithmetic stays float64 either way."""
+    if isinstance(labels, int):
+        labels = torch.randint(ddpm.num_classes, (labels,), generator=generator,
+                               device=generator.device)
+    if steps is not None and not 1 <= steps <= ddpm.num_steps:
+        raise ValueError(f"steps: must be in 1..{ddpm.num_steps} or None, got {steps}")
+    if guidance < 0:
+        raise ValueError(f"guidance: must be >= 0, got {guidance}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if image_shape is None:
+        if not hasattr(model, "image_size"):
+            raise ValueError("image_shape: required when the model is not a UNet")
+        image_shape = (model.in_channels, model.image_size, model.image_size)
+    params = list(model.parameters()) if isinstance(model, nn.Module) else []
+    device = params[0].device if params else labels.device
+    batch_size = batch_size or (100 if device.type == "cpu" else 500)
+
+    # The schedule is float64; keep the arithmetic in float64 and feed the model float32.
+    def float_model(x, t, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return model(x.float(), t, y).double()
+
+    out = []
+    with torch.inference_mode():
+        for y in labels.to(device).split(batch_size):
+            x = noise_like(torch.empty(len(y), *image_shape, dtype=torch.float64, device=device),
+                           generator)
+            if steps is None:
+                x = ancestral(ddpm, float_model, x, y, guidance, generator)
+            else:
+                solve = ddim if solver == "ddim" else dpm_solver_2m
+                x = solve(ddpm, float_model, x, y, guidance, steps)
+            out.append(to_uint8(x).cpu())
+    return torch.cat(out)
+
+
+def guided_eps(ddpm, model, x, t, y, guidance):
+    """Classifier-free guidance: (1 + w) eps(x, y) - w eps(x, null); w = 0 is one pass."""
+    tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    if guidance == 0:
+        return model(x, tt, y)
+    null = torch.full_like(y, ddpm.num_classes)
+    eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]),
+                                 torch.cat([y, null])).chunk(2)
+    return (1 + guidance) * eps_cond - guidance * eps_uncond
+
+
+def predict_x0(ddpm, x, t, eps):
+    """x0_hat: Ho et al.'s eq. 4 solved for x_0, clipped to the data range [-1, 1] (as their
+    code does)."""
+    x0 = (x - ddpm.sqrt_one_minus_alphas_bar[t] * eps) / ddpm.sqrt_alphas_bar[t]
+    return x0.clamp(-1, 1)
+
+
+def ancestral(ddpm, model, x, y, guidance, generator):
+    """Algorithm 2: x_{t-1} ~ N(mu(x_t, x0_hat), beta_tilde_t I), t = T..1.
+
+    The mean is the posterior mean of eq. 7 with x0_hat in place of x_0 (the same as line 4
+    of Algorithm 2 while x0_hat needs no clipping); no noise is added at the last step."""
+    for t in reversed(range(ddpm.num_steps)):
+        x0 = predict_x0(ddpm, x, t, guided_eps(ddpm, model, x, t, y, guidance))
+        x = ddpm.posterior_coef_x0[t] * x0 + ddpm.posterior_coef_xt[t] * x
+        if t > 0:
+            x = x + ddpm.posterior_std[t] * noise_like(x, generator)
+    return x
+
+
+def timesteps(ddpm, steps):
+    """Evenly spaced timesteps from T-1 down to 0 (Song et al.'s "linear" selection)."""
+    ts = torch.linspace(ddpm.num_steps - 1, 0, steps).round().long().unique_consecutive()
+    return ts.tolist()
+
+
+def ddim(ddpm, model, x, y, guidance, steps):
+    """DDIM, Song et al. eq. 12 with eta = 0 (deterministic) on a subsequence of timesteps:
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps."""
+    alpha, sigma = ddpm.sqrt_alphas_bar, ddpm.sqrt_one_minus_alphas_bar
+    ts = timesteps(ddpm, steps)
+    for i, t in enumerate(ts):
+        x0 = predict_x0(ddpm, x, t, guided_eps(ddpm, model, x, t, y, guidance))
+        if i == len(ts) - 1:
+            return x0
+        # the eps that the clipped x0_hat implies, so that the step stays on eq. 4
+        eps = (x - alpha[t] * x0) / sigma[t]
+        t_prev = ts[i + 1]
+        x = alpha[t_prev] * x0 + sigma[t_prev] * eps
+    return x
+
+
+def dpm_solver_2m(ddpm, model, x, y, guidance, steps):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of the
+    same ODE as DDIM, on the same timesteps and with one network call per step.
+
+    With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and
+    h = lambda_next - lambda, a step is
+        x_next = (sigma_next / sigma) x + alpha_next (1 - e^-h) D.
+    D = x0_hat is exactly DDIM's step (eq. 12 rewritten); 2M instead extrapolates from the
+    previous step's x0_hat along lambda, D = (1 + 1/2r) x0_hat - (1/2r) x0_hat_prev with
+    r = h_prev / h. The first step has no previous x0_hat, and the last one stays first
+    order too (Lu et al.'s advice for few steps: with timesteps evenly spaced in t, the
+    last step covers a long stretch of lambda, where extrapolating was measured unstable)."""
+    alpha, sigma = ddpm.sqrt_alphas_bar, ddpm.sqrt_one_minus_alphas_bar
+    lam = (alpha / sigma).log()
+    ts = timesteps(ddpm, steps)
+    x0_prev = h_prev = None
+    for i, t in enumerate(ts):
+        x0 = predict_x0(ddpm, x, t, guided_eps(ddpm, model, x, t, y, guidance))
+        if i == len(ts) - 1:
+            return x0
+        t_next = ts[i + 1]
+        h = lam[t_next] - lam[t]
+        d = x0
+        if x0_prev is not None and i < len(ts) - 2:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        x = sigma[t_next] / sigma[t] * x + alpha[t_next] * (1 - torch.exp(-h)) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+def noise_like(x, generator):
+    """Standard normal noise shaped like x, drawn on the generator's device, so that a seed
+    gives the same images on a CPU and a GPU."""
+    return torch.randn(x.shape, generator=generator, device=generator.device).to(x)
