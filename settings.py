@@ -30,6 +30,7 @@ class Config:
     central_sigma: float = 5.0     # noise multiplier sigma_c of each central-image query
     central_queries: int = 5       # number T of central-image queries (T*K central images)
     warmup_steps: int = 2000       # Adam steps of the warm-up on augmented central images
+    dpsgd: bool = True             # the hard stage; --no-dpsgd releases the warmed-up model
     warmup_batch: int = 64         # batch size of the warm-up
     model: str = "paper"           # UNet size: paper (1.4 M parameters) or small (0.27 M)
     batch: int = 4000              # expected (Poisson) batch size of DP-SGD: q = batch / N
@@ -97,6 +98,7 @@ def parse_args(argv=None, description=None):
     setting("--central-queries", type=int)
     setting("--warmup-steps", type=int)
     setting("--warmup-batch", type=int)
+    setting("--no-dpsgd", action="store_const", const=False)
     setting("--model")
     setting("--batch", type=int)
     setting("--epochs", type=float)
@@ -114,7 +116,8 @@ def parse_args(argv=None, description=None):
     setting("--classifier-epochs", type=int)
     setting("--classifier-lr", type=float)
     setting("--train-subset", type=int)
-    p.add_argument("--out", help="run folder (default runs/<dataset>-eps<eps>[-nocentral])")
+    p.add_argument("--out", help="run folder (default runs/<dataset>-eps<eps>[-nocentral], "
+                   "or runs/<dataset>-nodpsgd)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in --out even if it holds one (its files are removed)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
@@ -158,7 +161,8 @@ def settings_of(args, state, stage_names):
                              f"may change)")
     for option in ("preset", "seed"):
         if getattr(args, option) is not None:
-            raise ValueError(f"--{option}: a resumed run continues its own settings and random state")
+            raise ValueError(f"--{option}: a resumed run continues its own settings and random "
+                             f"state")
     return dataclasses.replace(cfg, **given)
 
 
@@ -179,7 +183,7 @@ REQUIREMENTS = dict(
 
 
 def flag(name):
-    return "--no-central" if name == "central" else "--" + name.replace("_", "-")
+    return f"--no-{name}" if name in ("central", "dpsgd") else "--" + name.replace("_", "-")
 
 
 def check_settings(cfg):
@@ -196,6 +200,9 @@ def check_settings(cfg):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name}: unknown '{getattr(cfg, name)}', choose one of "
                              f"{', '.join(allowed)}")
+    if not cfg.dpsgd and not (cfg.central and cfg.warmup_steps):
+        raise ValueError("--no-dpsgd: the warm-up on the central images is then all the training; "
+                         "it needs the easy stage (no --no-central) and --warmup-steps >= 1")
 
 
 def check_options(args, state):

@@ -44,23 +44,27 @@ def privacy_plan(cfg, n):
     """The mechanisms of the run, and the DP-SGD noise sigma that makes them meet (eps, delta).
 
     Both sampling rates are the exact inclusion probabilities of randomness.poisson_sample.
-    The dataset size n is public (as in the paper): q = batch / n."""
+    The dataset size n is public (as in the paper): q = batch / n. With --no-dpsgd the central
+    images are the only mechanism, and their own epsilon is the run's."""
     history = [(randomness.sampling_rate(cfg.central_q), cfg.central_sigma,
                 cfg.central_queries)] if cfg.central else []
-    if cfg.batch > n:
-        raise ValueError(f"--batch {cfg.batch} is larger than the {n} training images")
-    q, steps = randomness.sampling_rate(cfg.batch / n), max(1, round(cfg.epochs * n / cfg.batch))
-    spent_before = accountant.epsilon(history, cfg.delta)[0]
+    spent_before, order = accountant.epsilon(history, cfg.delta)
     if spent_before >= cfg.eps:
         raise ValueError(f"--eps {cfg.eps:g} is not above the {spent_before:.4f} that the central "
                          f"images alone spend: raise --eps or --central-sigma")
+    plan = dict(n=n, delta=cfg.delta, target_eps=cfg.eps, central=history[0] if history else None,
+                dpsgd=None, eps=spent_before, order=order)
+    if not cfg.dpsgd:
+        return plan
+    if cfg.batch > n:
+        raise ValueError(f"--batch {cfg.batch} is larger than the {n} training images")
+    q, steps = randomness.sampling_rate(cfg.batch / n), max(1, round(cfg.epochs * n / cfg.batch))
     try:
         sigma = accountant.calibrate_sigma(cfg.eps, cfg.delta, q, steps, history=history)
     except ValueError as e:
         raise ValueError(f"--eps {cfg.eps:g} cannot be met: {str(e).split(': ', 1)[-1]}") from None
     eps, order = accountant.epsilon(history + [(q, sigma, steps)], cfg.delta)
-    return dict(n=n, delta=cfg.delta, target_eps=cfg.eps, central=history[0] if history else None,
-                dpsgd=dict(q=q, sigma=sigma, steps=steps), eps=eps, order=order)
+    return dict(plan, dpsgd=dict(q=q, sigma=sigma, steps=steps), eps=eps, order=order)
 
 
 def print_plan(plan):
@@ -70,7 +74,11 @@ def print_plan(plan):
         print(f"  central images: {queries} Poisson-subsampled Gaussian queries, q={q:g}, "
               f"sigma_c={sigma_c:g}")
     d = plan["dpsgd"]
-    print(f"  DP-SGD: {d['steps']} steps, q={d['q']:.5g}, noise multiplier sigma={d['sigma']:.4g}")
+    if d:
+        print(f"  DP-SGD: {d['steps']} steps, q={d['q']:.5g}, noise multiplier "
+              f"sigma={d['sigma']:.4g}")
+    else:
+        print("  no DP-SGD (--no-dpsgd): the warmed-up model is the release")
     print(f"  composed: eps={plan['eps']:.4f} <= {plan['target_eps']:g} "
           f"(best RDP order {plan['order']:g})")
 
@@ -96,7 +104,8 @@ def warm_up(model, optimizer, central_images, central_labels, cfg, ddpm, public,
     for step in range(first_step, cfg.warmup_steps):
         pick = torch.randint(len(pool_images), (cfg.warmup_batch,), generator=public,
                              device=public.device).to(device)
-        x0 = diffusion.to_model_range(central.augment(pool_images[pick], public, max_magnitude=magnitude))
+        augmented = central.augment(pool_images[pick], public, max_magnitude=magnitude)
+        x0 = diffusion.to_model_range(augmented)
         y_in, t, noise = ddpm.draw_inputs(pool_labels[pick], 1, x0.shape[1:], public)
         loss = ddpm.loss(model, x0, y_in, t, noise).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -142,14 +151,14 @@ SAMPLE_BATCH = 500  # images per sampler call: memory, not quality; a checkpoint
 
 
 def synthesize(model, cfg, ddpm, public, pieces, progress):
-    """cfg.n_samples images with uniformly random labels from the (EMA) model, SAMPLE_BATCH at a time,
-    appended to `pieces` [(uint8 images, labels)]. Post-processing of the trained weights; it
-    draws from the public generator."""
+    """cfg.n_samples images with uniformly random labels from the (EMA) model, SAMPLE_BATCH at
+    a time, appended to `pieces` [(uint8 images, labels)]. Post-processing of the trained
+    weights; it draws from the public generator."""
     num_classes = data.INFO[cfg.dataset]["classes"]
     done = sum(len(labels) for _, labels in pieces)
     while done < cfg.n_samples:
-        labels = torch.randint(num_classes, (min(SAMPLE_BATCH, cfg.n_samples - done),), generator=public,
-                               device=public.device)
+        labels = torch.randint(num_classes, (min(SAMPLE_BATCH, cfg.n_samples - done),),
+                               generator=public, device=public.device)
         pieces.append((sample(model, labels, cfg, ddpm, public), labels.cpu()))
         done += len(labels)
         progress(done)
@@ -255,11 +264,13 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
         run.optimizer, run.ema = fresh_optimizer_and_ema(run.model, cfg)
         finished(warm_up)
     if run.stage <= STAGES.index(train_dpsgd):
-        # Progress lines never describe fewer than 10 DP-SGD steps: a step's time grows with
-        # its (secret) batch size.
-        train_dpsgd(run.model, run.optimizer, run.ema, sensitive_images, sensitive_labels, cfg,
-                    run.plan["dpsgd"], run.ddpm, run.secret, run.ledger, run.step,
-                    progress(train_dpsgd, run.plan["dpsgd"]["steps"], min_steps=10))
+        # With --no-dpsgd the EMA, fresh from the warmed-up weights, is what gets sampled.
+        if cfg.dpsgd:
+            # Progress lines never describe fewer than 10 DP-SGD steps: a step's time grows
+            # with its (secret) batch size.
+            train_dpsgd(run.model, run.optimizer, run.ema, sensitive_images, sensitive_labels,
+                        cfg, run.plan["dpsgd"], run.ddpm, run.secret, run.ledger, run.step,
+                        progress(train_dpsgd, run.plan["dpsgd"]["steps"], min_steps=10))
         finished(train_dpsgd)
     # Synthesis and evaluation post-process the trained weights: rank 0 goes on alone.
     distributed.finish()
@@ -320,9 +331,10 @@ def main(argv=None):
             print(f"warning: delta={cfg.delta:g} is not below 1/N = {1 / n:.2g}: a mechanism "
                   f"that publishes one random record would meet it")
         if cfg.fid_n and (state is None or state["stage"] != "done") and distributed.is_main():
-            inception.load_inception(args.inception)  # missing FID weights: fail now, not at the end
-        folder = args.resume or args.out or os.path.join(
-            "runs", f"{cfg.dataset}-eps{cfg.eps:g}" + ("" if cfg.central else "-nocentral"))
+            inception.load_inception(args.inception)  # missing FID weights: fail now, not later
+        folder = args.resume or args.out or os.path.join("runs", (
+            f"{cfg.dataset}-eps{cfg.eps:g}" + ("" if cfg.central else "-nocentral")
+            if cfg.dpsgd else f"{cfg.dataset}-nodpsgd"))
         run = new_run(cfg, plan, folder, args.device, args.seed)
         run.options = dict(device=args.device, data_dir=args.data_dir, inception=args.inception)
         run.writes = distributed.is_main()  # one process writes the run's files

@@ -27,6 +27,7 @@ VARIANTS = {
     "no-central": ["--no-central"],
     "eps10": ["--eps", "10"],
     "eps10-no-central": ["--eps", "10", "--no-central"],
+    "no-dpsgd": ["--no-dpsgd"],  # the warm-up model alone, at the central images' own epsilon
     "dpm2m-12": ["--solver", "dpm2m", "--sample-steps", "12"],
 }
 STAGES = ("release_central_images", "warm_up", "train_dpsgd", "synthesize", "evaluate_release")

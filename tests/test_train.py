@@ -152,6 +152,31 @@ def test_every_stage_end_to_end(finished_run):
     assert dpsgd_lines[-1].split(" | eps spent ")[1].startswith(f"{spent['eps']:.3f}/1")
 
 
+def test_no_dpsgd_releases_the_warmed_up_model_at_the_central_images_own_epsilon(
+        mnist_dir, tmp_path, monkeypatch):
+    """The easy stage alone (--no-dpsgd, the README's teaching row): the central images are
+    the only mechanism, their epsilon is the run's, DP-SGD never runs, and the released samples
+    come from the warmed-up weights."""
+    def no_dp_step(*args, **kwargs):
+        raise AssertionError("DP-SGD ran under --no-dpsgd")
+
+    monkeypatch.setattr(train.dpsgd, "dp_step", no_dp_step)
+    out = tmp_path / "run"
+    assert train.main(tiny_args(mnist_dir, out, "--no-dpsgd", *NO_FID)) == 0
+    report = read_report(out)
+    plan, spent = report["privacy_plan"], report["privacy_spent"]
+    history = train.accountant.PrivacyLedger.from_dict(report["privacy_ledger"]).history
+    assert plan["dpsgd"] is None and history == [tuple(plan["central"])]
+    own = train.accountant.epsilon([tuple(plan["central"])], TINY.delta)[0]
+    assert spent["eps"] == plan["eps"] == own < 1  # not the --eps budget: nothing calibrated
+    state = runs.load_checkpoint(out)
+    assert state["stage"] == "done" and state["timings"]["train_dpsgd"] < 1
+    for name, weights in state["model"].items():  # the sampled EMA is the warmed-up model
+        assert torch.equal(weights, state["ema"]["model"][name]), name
+    assert np.load(out / "samples.npz")["images"].shape == (TINY.n_samples, 28, 28)
+    assert (out / "stages.png").exists()
+
+
 def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(finished_run, mnist_dir,
                                                                   tmp_path, monkeypatch):
     whole, pieces = finished_run[0], tmp_path / "pieces"
@@ -218,6 +243,8 @@ def test_secret_entropy_that_agrees_in_the_low_32_bits_gives_different_central_i
     (["--device", "mps"], "--device"), (["--device", "xpu"], "--device"),
     (["--device", "meta"], "--device"), (["--device", "gpu9"], "--device"),
     (["--ema", "1"], "--ema"), (["--sample-steps", "1001"], "--sample-steps"),
+    (["--no-dpsgd", "--no-central"], "--no-dpsgd"),  # nothing would be trained
+    (["--no-dpsgd", "--warmup-steps", "0"], "--no-dpsgd"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(mnist_dir, tmp_path, capsys, flags, word):
     out = tmp_path / "run"
@@ -282,7 +309,8 @@ def stopped_run(stopped_in_dpsgd, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--eps", "2"), ("--lr", "0.01"), ("--batch", "20"),
-                                         ("--no-central", None), ("--seed", "3"),
+                                         ("--no-central", None), ("--no-dpsgd", None),
+                                         ("--seed", "3"),
                                          ("--preset", "cpu"), ("--device", "cuda")])
 def test_resume_refuses_other_training_settings_and_changes_nothing(
         stopped_in_dpsgd, tmp_path, capsys, flag, value):
