@@ -16,6 +16,10 @@ from torch import nn
 from diffusion import to_uint8
 
 SOLVERS = ("ddim", "dpm2m")
+# Images per network pass unless asked otherwise: on a 2-core CPU, 50 to 100 ran twice as fast
+# per image as 500, whose activations no longer fit in the caches (bench/sampling_speed.py);
+# a GPU wants large batches.
+CPU_BATCH, GPU_BATCH = 100, 500
 
 
 def sample(ddpm, model, labels, generator, steps=None, guidance=0.0, batch_size=None,
@@ -27,9 +31,7 @@ def sample(ddpm, model, labels, generator, steps=None, guidance=0.0, batch_size=
     ancestral sampler (T model calls), else the number of deterministic steps (network
     calls) of `solver`: "ddim" or "dpm2m" (DPM-Solver++(2M)). guidance: w >= 0.
     image_shape (C, H, W) defaults to the UNet's. Memory is bounded by batch_size, the
-    images per network pass: by default 100 on a CPU (on 2 cores, 50 to 100 ran twice as
-    fast per image as 500, whose activations no longer fit in the caches:
-    bench/sampling_speed.py) and 500 elsewhere (a GPU wants large batches).
+    images per network pass (default: CPU_BATCH on a CPU, else GPU_BATCH).
     autocast: the network runs under bfloat16 autocast (fast on CPUs with bf16 units and on
     GPUs); the sampler's own arithmetic stays float64 either way."""
     if isinstance(labels, int):
@@ -47,7 +49,7 @@ def sample(ddpm, model, labels, generator, steps=None, guidance=0.0, batch_size=
         image_shape = (model.in_channels, model.image_size, model.image_size)
     params = list(model.parameters()) if isinstance(model, nn.Module) else []
     device = params[0].device if params else labels.device
-    batch_size = batch_size or (100 if device.type == "cpu" else 500)
+    batch_size = batch_size or (CPU_BATCH if device.type == "cpu" else GPU_BATCH)
 
     # The schedule is float64; keep the arithmetic in float64 and feed the model float32.
     def float_model(x, t, y):

@@ -33,13 +33,15 @@ def train_diffusion(images, labels, args, generator):
     ema = diffusion.EMA(model, args.ema)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     print(f"UNet '{args.model}': {diffusion.count_parameters(model)} parameters; training for "
-          f"{args.minutes} min, batch {args.batch}, lr {args.lr}")
+          f"{args.minutes} min" + (f" or {args.max_steps} steps" if args.max_steps else "")
+          + f", batch {args.batch}, lr {args.lr}" + (", bf16 autocast" if args.autocast else ""))
     x_all = images.float() / 127.5 - 1  # uint8 -> [-1, 1]
     started, step, seen, running = time.time(), 0, 0, None
-    while time.time() - started < 60 * args.minutes:
+    while time.time() - started < 60 * args.minutes and step < (args.max_steps or float("inf")):
         idx = torch.randint(len(x_all), (args.batch,), generator=generator)
         y_in, t, noise = ddpm.draw_inputs(labels[idx], 1, (1, 28, 28), generator)
-        loss = ddpm.loss(model, x_all[idx], y_in, t, noise).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast):
+            loss = ddpm.loss(model, x_all[idx], y_in, t, noise).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -81,6 +83,9 @@ def predict(model, images):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="diffusion training time")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="also stop after this many steps (0: time only)")
+    parser.add_argument("--autocast", action="store_true", help="train under bf16 autocast")
     parser.add_argument("--model", default="small", choices=sorted(diffusion.MODEL_SIZES))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -118,9 +123,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     data.save_grid(samples[:100], os.path.join(args.out, "samples.png"), nrow=10)
 
-    classifier, real_accuracy = train_classifier(images, labels, test_images, test_labels,
-                                                 args.classifier_minutes, generator)
-    agreement = (predict(classifier, samples) == sample_labels).float().mean().item()
+    real_classifier, real_accuracy = train_classifier(images, labels, test_images, test_labels,
+                                                      args.classifier_minutes, generator)
+    agreement = (predict(real_classifier, samples) == sample_labels).float().mean().item()
     print(f"AGREEMENT of the real-MNIST classifier with the generated labels: {agreement:.4f} "
           f"(target >= 0.90)")
     result = dict(vars(args), parameters=diffusion.count_parameters(model), training=training,

@@ -6,7 +6,8 @@ Model and step: the paper UNet (diffusion.make_unet("paper", 1, 28, 10), 1.4 M p
 K = 32 noise draws per example, dpsgd.dp_step with Adam, as `train.py --preset paper` runs it.
 The logical batch only sets how many chunks a step has (the paper's is 4000; a smaller one
 measures the same per-example rate in less time). For each precision (float32, whose
-convolutions and matrix products use TF32 on the GPU, and bfloat16 autocast) and chunk size:
+convolutions use TF32 on the GPU by cuDNN's default while matrix products stay float32, and
+bfloat16 autocast) and chunk size:
 one untimed step, then `--steps` timed ones; a chunk that does not fit in memory is reported
 and skipped. `--device cpu` runs the same code on the CPU, where the memory column is the
 growth of the process's peak resident set (run one chunk size per call to read it).

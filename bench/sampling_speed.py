@@ -1,16 +1,19 @@
-"""Benchmark of the CPU preset's sampler: images per second, float32 against bf16 autocast.
+"""Benchmark of the CPU preset's sampler: images per second against the old one.
 
     python bench/sampling_speed.py [--steps 2] [--batches 50 100 250] [--reps 3]
 
-The sampler is the CPU preset's (settings.CPU: the small UNet, DDIM, guidance w, so each step
-runs the network on 2 x batch images). Its cost is the same at every step, so it is timed on
---steps steps and reported as images/s at the preset's number of steps (cpu preset:
-settings.CPU.sample_steps); the weights are random, which does not change the cost.
-The old sampler (float32, 500 images per network pass, the default until 2026-11-29) and
-each variant are timed round-robin in one process. Quality is not measured here (see
-bench/sampler_quality.py and the README).
+The model is the CPU preset's (settings.CPU: the small UNet, guidance w, so each step runs the
+network on 2 x batch images); the weights are random, which does not change the cost. A step
+of DDIM and of DPM-Solver++(2M) is one network call and costs the same, at every step, so each
+variant (float32 or bf16 autocast, images per network pass) is timed on --steps steps,
+round-robin in one process with the old sampler (DDIM, 25 steps, float32, 500 images per
+network pass: the CPU preset's until 2026-11-29). Images/s are then shown per 25 steps (the
+speedup per step) and at the preset's own solver and steps (settings.CPU). Quality is not
+measured here (bench/sampler_quality.py: FID of the same variants on one trained model).
 
-The last line is `RESULT sampling_speedup=<fastest variant's images/s over the old sampler's>`.
+The last line is `RESULT sampling_speedup=<the preset's sampler (its precision, steps and
+solver, samplers.CPU_BATCH images per pass), images/s over the old sampler's> per_step=<the
+same at equal steps>`.
 """
 import argparse
 import os
@@ -26,7 +29,8 @@ import diffusion  # noqa: E402
 import samplers  # noqa: E402
 import settings  # noqa: E402
 
-OLD = ("float32", 500)  # the sampler before: float32, 500 images per network pass
+OLD = ("float32", 500)  # the sampler before: float32, 500 images per network pass,
+OLD_STEPS = 25           # DDIM with 25 steps
 
 
 def main():
@@ -44,6 +48,8 @@ def main():
     variants = {OLD: False}  # the old sampler first
     variants.update({(name, b): autocast for name, autocast in (("float32", False), ("bf16", True))
                      for b in args.batches})
+    preset = ("bf16" if cfg.autocast else "float32", samplers.CPU_BATCH)  # what train.py runs
+    variants.setdefault(preset, cfg.autocast)
 
     def run(batch, autocast):
         labels = torch.arange(batch) % 10
@@ -58,16 +64,23 @@ def main():
             started = time.perf_counter()
             run(key[1], autocast)
             seconds_per_image[key].append((time.perf_counter() - started) / key[1])
-    scale = args.steps / cfg.sample_steps  # per-image time at the preset's steps
-    rate = {key: scale / statistics.median(s) for key, s in seconds_per_image.items()}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; DDIM, guidance "
-          f"{cfg.guidance}, {args.steps} steps timed, shown at {cfg.sample_steps} steps")
-    for key in variants:
+    # images/s at OLD_STEPS steps
+    rate = {key: args.steps / OLD_STEPS / statistics.median(s)
+            for key, s in seconds_per_image.items()}
+    at_preset = OLD_STEPS / cfg.sample_steps
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; guidance "
+          f"{cfg.guidance}, {args.steps} steps timed; images/s at {OLD_STEPS} steps and at the "
+          f"preset's {cfg.solver} with {cfg.sample_steps} steps")
+    print(f"old: float32 batch {OLD[1]}, DDIM {OLD_STEPS} steps: {rate[OLD]:6.2f} images/s")
+    for key in list(variants)[1:]:
         print(f"{key[0]:8s} batch {key[1]:5d}: {rate[key]:6.2f} images/s "
-              f"({rate[key] / rate[OLD]:.2f}x the old)")
+              f"({rate[key] / rate[OLD]:.2f}x the old) | at the preset's steps "
+              f"{rate[key] * at_preset:6.2f} ({rate[key] * at_preset / rate[OLD]:.2f}x)")
     fastest = max(rate, key=rate.get)
-    print(f"fastest: {fastest[0]}, batch {fastest[1]}")
-    print(f"RESULT sampling_speedup={rate[fastest] / rate[OLD]:.2f}")
+    print(f"fastest: {fastest[0]}, batch {fastest[1]}; the preset's: {preset[0]}, batch "
+          f"{preset[1]}")
+    print(f"RESULT sampling_speedup={rate[preset] * at_preset / rate[OLD]:.2f} "
+          f"per_step={rate[preset] / rate[OLD]:.2f}")
 
 
 if __name__ == "__main__":
