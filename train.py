@@ -332,9 +332,9 @@ def main(argv=None):
                   f"that publishes one random record would meet it")
         if cfg.fid_n and (state is None or state["stage"] != "done") and distributed.is_main():
             inception.load_inception(args.inception)  # missing FID weights: fail now, not later
-        folder = args.resume or args.out or os.path.join("runs", (
-            f"{cfg.dataset}-eps{cfg.eps:g}" + ("" if cfg.central else "-nocentral")
-            if cfg.dpsgd else f"{cfg.dataset}-nodpsgd"))
+        name = (f"{cfg.dataset}-eps{cfg.eps:g}" + ("" if cfg.central else "-nocentral")
+                if cfg.dpsgd else f"{cfg.dataset}-nodpsgd")
+        folder = args.resume or args.out or os.path.join("runs", name)
         run = new_run(cfg, plan, folder, args.device, args.seed)
         run.options = dict(device=args.device, data_dir=args.data_dir, inception=args.inception)
         run.writes = distributed.is_main()  # one process writes the run's files
