@@ -23,15 +23,15 @@ import samplers
 class Config:
     # Each comment is the flag's --help text. The defaults are the paper's protocol.
     dataset: str = "mnist"         # mnist, fashionmnist or cifar10
-    eps: float = 1.0               # total privacy budget epsilon, both stages together
+    eps: float = 1.0               # total privacy budget epsilon, both stages (--no-dpsgd: a cap)
     delta: float = 1e-5            # privacy parameter delta (should be < 1/N)
     central: bool = True           # the easy stage; --no-central skips it (plain DP-SGD: DPDM)
     central_q: float = 0.1         # Poisson sampling rate of each central-image query
     central_sigma: float = 5.0     # noise multiplier sigma_c of each central-image query
     central_queries: int = 5       # number T of central-image queries (T*K central images)
     warmup_steps: int = 2000       # Adam steps of the warm-up on augmented central images
-    dpsgd: bool = True             # the hard stage; --no-dpsgd releases the warmed-up model
     warmup_batch: int = 64         # batch size of the warm-up
+    dpsgd: bool = True             # the hard stage; --no-dpsgd releases the warmed-up model
     model: str = "paper"           # UNet size: paper (1.4 M parameters) or small (0.27 M)
     batch: int = 4000              # expected (Poisson) batch size of DP-SGD: q = batch / N
     epochs: float = 150.0          # DP-SGD epochs: steps = epochs * N / batch

@@ -9,9 +9,11 @@ Private Image Synthesis", S&P 2025) trains one diffusion model in two stages:
   2. hard: train the same model on the sensitive images with DP-SGD (dpsgd.py).
 One RDP accountant (accountant.py) composes both mechanisms; the DP-SGD noise is calibrated so
 the composition meets the requested (eps, delta). `--no-central` drops stage 1 (the DPDM
-baseline). The privacy argument is in the signatures: only `release_central_images` and
-`train_dpsgd` are given the sensitive images, and both draw from the secret generator
-(randomness.py); the warm-up sees the released central images, synthesis sees the model.
+baseline); `--no-dpsgd` drops stage 2 and releases the warmed-up model, at the central images'
+own epsilon (what the easy stage alone learns). The privacy argument is in the signatures: only
+`release_central_images` and `train_dpsgd` are given the sensitive images, and both draw from
+the secret generator (randomness.py); the warm-up sees the released central images, synthesis
+sees the model.
 Every stage checkpoints (runs.py), so `--resume RUN_DIR` continues a run, privacy ledger
 included, and ends bit for bit where an uninterrupted run on the same device would.
 `torchrun --nproc_per_node=N train.py ...` runs DP-SGD on N processes with the privacy of one
@@ -327,13 +329,18 @@ def main(argv=None):
         if plan["n"] != n:
             raise ValueError(f"--data-dir: the run was planned for {plan['n']} training images, "
                              f"found {n}")
+        if (plan["dpsgd"] is not None) != cfg.dpsgd:
+            raise ValueError(f"--resume: the privacy plan of {args.resume} does not match its "
+                             f"settings (DP-SGD {'off' if cfg.dpsgd else 'on'} in the plan)")
         if cfg.delta >= 1 / n:
             print(f"warning: delta={cfg.delta:g} is not below 1/N = {1 / n:.2g}: a mechanism "
                   f"that publishes one random record would meet it")
         if cfg.fid_n and (state is None or state["stage"] != "done") and distributed.is_main():
             inception.load_inception(args.inception)  # missing FID weights: fail now, not later
-        name = (f"{cfg.dataset}-eps{cfg.eps:g}" + ("" if cfg.central else "-nocentral")
-                if cfg.dpsgd else f"{cfg.dataset}-nodpsgd")
+        if cfg.dpsgd:
+            name = f"{cfg.dataset}-eps{cfg.eps:g}" + ("" if cfg.central else "-nocentral")
+        else:
+            name = f"{cfg.dataset}-nodpsgd"
         folder = args.resume or args.out or os.path.join("runs", name)
         run = new_run(cfg, plan, folder, args.device, args.seed)
         run.options = dict(device=args.device, data_dir=args.data_dir, inception=args.inception)

@@ -32,9 +32,11 @@ def train_diffusion(images, labels, args, generator):
     ddpm = diffusion.DDPM(args.num_steps, args.schedule, args.timestep_dist)
     ema = diffusion.EMA(model, args.ema)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    limits = [f"{args.minutes} min"] if args.minutes < float("inf") else []
+    limits += [f"{args.max_steps} steps"] if args.max_steps else []
     print(f"UNet '{args.model}': {diffusion.count_parameters(model)} parameters; training for "
-          f"{args.minutes} min" + (f" or {args.max_steps} steps" if args.max_steps else "")
-          + f", batch {args.batch}, lr {args.lr}" + (", bf16 autocast" if args.autocast else ""))
+          f"{' or '.join(limits)}, batch {args.batch}, lr {args.lr}"
+          + (", bf16 autocast" if args.autocast else ""))
     x_all = images.float() / 127.5 - 1  # uint8 -> [-1, 1]
     started, step, seen, running = time.time(), 0, 0, None
     while time.time() - started < 60 * args.minutes and step < (args.max_steps or float("inf")):

@@ -29,8 +29,8 @@ import diffusion  # noqa: E402
 import samplers  # noqa: E402
 import settings  # noqa: E402
 
-OLD = ("float32", 500)  # the sampler before: float32, 500 images per network pass,
-OLD_STEPS = 25           # DDIM with 25 steps
+OLD = ("float32", 500)  # the sampler before: DDIM with OLD_STEPS steps, float32, 500 images
+OLD_STEPS = 25           # per network pass
 
 
 def main():
@@ -54,7 +54,8 @@ def main():
     def run(batch, autocast):
         labels = torch.arange(batch) % 10
         samplers.sample(ddpm, model, labels, torch.Generator().manual_seed(0), steps=args.steps,
-                        guidance=cfg.guidance, batch_size=batch, autocast=autocast)
+                        guidance=cfg.guidance, batch_size=batch, autocast=autocast,
+                        solver=cfg.solver)
 
     for (_, batch), autocast in variants.items():
         run(min(batch, 20), autocast)  # kernels set up: untimed
@@ -67,7 +68,7 @@ def main():
     # images/s at OLD_STEPS steps
     rate = {key: args.steps / OLD_STEPS / statistics.median(s)
             for key, s in seconds_per_image.items()}
-    at_preset = OLD_STEPS / cfg.sample_steps
+    at_preset = OLD_STEPS / (cfg.sample_steps or ddpm.num_steps)  # 0: ancestral, T steps
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; guidance "
           f"{cfg.guidance}, {args.steps} steps timed; images/s at {OLD_STEPS} steps and at the "
           f"preset's {cfg.solver} with {cfg.sample_steps} steps")

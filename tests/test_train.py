@@ -154,9 +154,9 @@ def test_every_stage_end_to_end(finished_run):
 
 def test_no_dpsgd_releases_the_warmed_up_model_at_the_central_images_own_epsilon(
         mnist_dir, tmp_path, monkeypatch):
-    """The easy stage alone (--no-dpsgd, the README's teaching row): the central images are
-    the only mechanism, their epsilon is the run's, DP-SGD never runs, and the released samples
-    come from the warmed-up weights."""
+    """The easy stage alone (--no-dpsgd): the central images are the only mechanism, their
+    epsilon is the run's, DP-SGD never runs, and the released samples come from the warmed-up
+    weights."""
     def no_dp_step(*args, **kwargs):
         raise AssertionError("DP-SGD ran under --no-dpsgd")
 
@@ -170,7 +170,7 @@ def test_no_dpsgd_releases_the_warmed_up_model_at_the_central_images_own_epsilon
     own = train.accountant.epsilon([tuple(plan["central"])], TINY.delta)[0]
     assert spent["eps"] == plan["eps"] == own < 1  # not the --eps budget: nothing calibrated
     state = runs.load_checkpoint(out)
-    assert state["stage"] == "done" and state["timings"]["train_dpsgd"] < 1
+    assert state["stage"] == "done"
     for name, weights in state["model"].items():  # the sampled EMA is the warmed-up model
         assert torch.equal(weights, state["ema"]["model"][name]), name
     assert np.load(out / "samples.npz")["images"].shape == (TINY.n_samples, 28, 28)
@@ -374,11 +374,14 @@ def damage_checkpoint(out, how):
             first["exp_avg"] = torch.zeros(7)
         elif how == "missing key":
             del state["secret_rng"]
+        elif how == "plan without DP-SGD":  # the settings still say DP-SGD
+            state["plan"]["dpsgd"] = None
         runs.save_checkpoint(out, state)
 
 
 @pytest.mark.parametrize("how", ["flipped bytes", "empty dict", "a list", "unknown stage",
-                                 "wrong shape", "wrong optimizer shape", "missing key"])
+                                 "wrong shape", "wrong optimizer shape", "missing key",
+                                 "plan without DP-SGD"])
 def test_a_damaged_checkpoint_is_refused_and_the_folder_stays_byte_identical(
         mnist_dir, stopped_in_dpsgd, tmp_path, capsys, how):
     out, _ = stopped_run(stopped_in_dpsgd, tmp_path)  # in DP-SGD: optimizer state exists
@@ -416,7 +419,8 @@ def test_only_the_two_mechanisms_read_the_sensitive_set():
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for function in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
         for node in ast.walk(function):
-            if not (isinstance(node, ast.Name) and node.id in sensitive) or function.name in readers:
+            if not (isinstance(node, ast.Name) and node.id in sensitive) or (
+                    function.name in readers):
                 continue
             parent = parents[node]
             if isinstance(node.ctx, ast.Store):  # main: loading the data, taking the subset
