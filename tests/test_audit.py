@@ -11,7 +11,6 @@ import math
 import numpy as np
 import pytest
 import scipy.special
-import torch
 
 import accountant
 import audit
@@ -22,13 +21,7 @@ import randomness
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The audits' tensors are tiny: on a shared 2-core CPU one thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the audits' tensors are tiny (conftest.py)
 
 
 def claimed_eps(q, sigma, steps):

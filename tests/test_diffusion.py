@@ -11,14 +11,7 @@ import diffusion
 from diffusion import DDPM, EMA, UNet, count_parameters, make_unet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: one thread is as fast, and far faster when other processes
-    # share the cores (intra-op threads then spin-wait on each other).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def tiny_unet(channels=1, size=16, num_classes=10):

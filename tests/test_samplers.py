@@ -6,10 +6,9 @@ import torch
 
 import samplers
 from diffusion import DDPM
-import test_diffusion
 from test_diffusion import randomise_output_layer, tiny_unet
 
-one_thread = test_diffusion.one_thread  # its autouse fixture: one thread for these tiny tensors
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 class OracleX0:
