@@ -5,14 +5,17 @@
 A small UNet is trained non-privately on real MNIST for --train-steps Adam steps at batch 64
 under bf16 autocast (bench/diffusion_sanity.py's loop; saved, and reused on the next call: a
 fixed number of steps, so the model does not depend on the machine's speed; 10 minutes on a
-slow day gave noise, FID 372), then each sampler variant draws --n images with the
-CPU preset's guidance and the FID of each set against the first --n training images is computed
-(1,000 vs 1,000, as in the README). The spread between the two float32 DDIM sets that differ
-only in their seed is the run-to-run noise that every other difference is compared with.
+slow day gave noise, FID 372), then each sampler variant draws --n images with the CPU preset's
+guidance and the FID of each set against the first --n training images is computed (1,000 vs
+1,000, as in the README). Each FID is kept in a JSON file next to the model, and a variant
+already there is not drawn again (a stopped run resumes). The spread between the two float32
+DDIM sets that differ only in their seed is the run-to-run noise that every other difference is
+compared with.
 Needs the FID Inception weights. The last line: `RESULT noise=<|FID seed 0 - seed 1|>
 <variant>=<FID - FID of the float32 DDIM seed 0> ...`.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -32,8 +35,8 @@ from diffusion_sanity import train_diffusion  # noqa: E402
 
 # name: (solver, steps, bf16 autocast, seed, images per network batch)
 VARIANTS = {  # in order of interest, so that a stopped run has the important rows
-    "ddim25-fp32-b500": ("ddim", 25, False, 0, 500),  # the CPU preset's sampler until now
-    "dpm2m15-bf16-b100": ("dpm2m", 15, True, 0, 100),
+    "ddim25-fp32-b500": ("ddim", 25, False, 0, 500),  # the CPU preset's until 2026-11-30
+    "dpm2m15-bf16-b100": ("dpm2m", 15, True, 0, 100),  # the CPU preset's since
     "ddim25-fp32-b500-seed1": ("ddim", 25, False, 1, 500),
     "ddim25-bf16-b100": ("ddim", 25, True, 0, 100),
     "ddim15-bf16-b100": ("ddim", 15, True, 0, 100),  # is it the solver, or just fewer steps?
@@ -64,8 +67,12 @@ def main():
     ddpm = diffusion.DDPM()
     fid_network = inception.load_inception(None, "cpu")
     cache = os.path.join(args.out, f"fid_stats_mnist_train_{args.n}.npz")
-    fids = {}
+    fids_path = os.path.join(args.out, f"fids_{args.train_steps}_steps_{args.n}.json")
+    fids = json.load(open(fids_path)) if os.path.exists(fids_path) else {}
     for name, (solver, steps, autocast, seed, batch) in VARIANTS.items():
+        if name in fids:
+            print(f"{name:24s} FID {fids[name]:7.2f}  (from {fids_path})", flush=True)
+            continue
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
         sample_labels = torch.randint(10, (args.n,), generator=generator)
@@ -76,6 +83,8 @@ def main():
         fids[name] = evaluate.fid(samples, images[:args.n], "cpu", model=fid_network,
                                   reference_cache=cache, progress=None)
         data.save_grid(samples[:100], os.path.join(args.out, f"{name}.png"), nrow=10)
+        with open(fids_path, "w") as f:
+            json.dump(fids, f, indent=1)
         print(f"{name:24s} FID {fids[name]:7.2f}  ({args.n / seconds:.2f} images/s)", flush=True)
     base = fids["ddim25-fp32-b500"]
     print("RESULT noise={:.2f} ".format(abs(base - fids["ddim25-fp32-b500-seed1"]))
