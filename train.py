@@ -116,6 +116,32 @@ def warm_up(model, optimizer, central_images, central_labels, cfg, ddpm, public,
         progress(step + 1, f" | loss {loss.item():.4f}")
 
 
+def largest_chunk_that_fits(model, ddpm, cfg, image_shape):
+    """Examples per per-example-gradient pass: cfg.chunk, halved until one pass fits in the
+    device's memory. A pass holds the activations of chunk x K noise-draw images (the paper
+    preset: 256 x 32, about 140 GiB in float32 by the CPU's measure, more than most GPUs have).
+    The chunk changes neither the gradients nor the privacy, only memory and speed. The probe
+    runs on random inputs from its own generator: it sees no sensitive image, so the chunk it
+    picks reveals none, and it leaves the run's generators and weights as they were."""
+    device = next(model.parameters()).device
+    probe = torch.Generator().manual_seed(0)
+    chunk = cfg.chunk
+    while chunk >= 1:
+        x0 = torch.rand(chunk, *image_shape, generator=probe) * 2 - 1
+        y = torch.randint(model.num_classes, (chunk,), generator=probe)
+        inputs = (x0, *ddpm.draw_inputs(y, cfg.noise_draws, image_shape, probe))
+        try:
+            dpsgd.clipped_sum(model, ddpm.loss, tuple(v.to(device) for v in inputs), cfg.clip,
+                              chunk, cfg.autocast)
+            return chunk
+        except torch.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()  # outside the except: the failed pass's tensors are freed now
+        chunk //= 2
+    raise ValueError(f"one example's pass ({cfg.noise_draws} noise draws) does not fit in the "
+                     f"memory of {device}")
+
+
 def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, plan, ddpm,
                 secret, ledger, first_step, progress):
     """Hard stage: DP-SGD on the sensitive images (dpsgd.py), one ledger entry per step.
@@ -127,6 +153,9 @@ def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, 
     device = next(model.parameters()).device
     x_all = diffusion.to_model_range(sensitive_images).to(device)
     n, q, sigma, steps = len(x_all), plan["q"], plan["sigma"], plan["steps"]
+    chunk = largest_chunk_that_fits(model, ddpm, cfg, x_all.shape[1:])
+    if chunk < cfg.chunk:
+        print(f"[DP-SGD] {chunk} examples per pass: {cfg.chunk} do not fit in {device} memory")
     for step in range(first_step, steps):
         batch = randomness.poisson_sample(n, q, secret).nonzero().flatten()
         # Drawn for the whole sample on every process (on the CPU), which keeps the secret
@@ -139,7 +168,7 @@ def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, 
         inputs = (x0, *(v[share].to(device) for v in (y_in, t, noise)))
         dpsgd.dp_step(model, optimizer, ddpm.loss, inputs, clip_norm=cfg.clip,
                       sigma=sigma, expected_batch_size=q * n, noise_generator=secret,
-                      chunk_size=cfg.chunk, autocast=cfg.autocast,
+                      chunk_size=chunk, autocast=cfg.autocast,
                       sum_over_processes=distributed.sum_over_processes)
         ledger.add("DP-SGD", q, sigma, 1)
         ema.update(model)

@@ -6,6 +6,7 @@ is one line with exit status 2 and leaves the run folder byte for byte as it was
 """
 import ast
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import inspect
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 import data
+import diffusion
 import inception
 import randomness
 import runs
@@ -484,3 +486,26 @@ def test_bad_input_is_one_line_and_nothing_is_written(case, finished_run, stoppe
     if case == "unfinished":
         assert "not finished training" in err and "--resume" in err
     assert (target.read_bytes() == b"keep me") if case == "exists" else not target.exists()
+
+
+def test_the_dpsgd_chunk_is_halved_until_a_pass_fits_without_touching_the_model(monkeypatch):
+    # A GPU's out-of-memory error, faked for passes of more than 10 examples.
+    passes, real_clipped_sum = [], train.dpsgd.clipped_sum
+
+    def clipped_sum(model, loss, tensors, clip, chunk_size, autocast):
+        passes.append(len(tensors[0]))
+        if len(tensors[0]) > fits:
+            raise torch.OutOfMemoryError("CUDA out of memory (faked)")
+        return real_clipped_sum(model, loss, tensors, clip, chunk_size, autocast)
+
+    monkeypatch.setattr(train.dpsgd, "clipped_sum", clipped_sum)
+    cfg = dataclasses.replace(TINY, chunk=64, noise_draws=2)
+    model = diffusion.make_unet("small", 1, 28, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fits = 10
+    assert train.largest_chunk_that_fits(model, diffusion.DDPM(), cfg, (1, 28, 28)) == 8
+    assert passes == [64, 32, 16, 8]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    fits = 0
+    with pytest.raises(ValueError, match="does not fit"):
+        train.largest_chunk_that_fits(model, diffusion.DDPM(), cfg, (1, 28, 28))
