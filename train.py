@@ -117,23 +117,29 @@ def warm_up(model, optimizer, central_images, central_labels, cfg, ddpm, public,
 
 
 def largest_chunk_that_fits(model, ddpm, cfg, image_shape):
-    """Examples per per-example-gradient pass: cfg.chunk, halved until one pass fits in the
-    device's memory. A pass holds the activations of chunk x K noise-draw images (the paper
-    preset: 256 x 32, about 140 GiB in float32 by the CPU's measure, more than most GPUs have).
+    """Examples per per-example-gradient pass: cfg.chunk if one pass fits in the device's
+    memory, else half the largest chunk that fits. A pass holds the activations of chunk x K
+    noise-draw images (the paper preset: 256 x 32, about 140 GiB in float32 by the CPU's
+    measure, more than most GPUs have). The extra halving is headroom: a real step also holds
+    Adam's moments and the noise, and a chunk at the edge of memory could fail hours later.
+    Out-of-memory errors are caught on a GPU; on a CPU, Linux ends the process instead.
     The chunk changes neither the gradients nor the privacy, only memory and speed. The probe
     runs on random inputs from its own generator: it sees no sensitive image, so the chunk it
     picks reveals none, and it leaves the run's generators and weights as they were."""
+    dpsgd.check_per_example_independence(model)  # dp_step's checks, before the probe's pass
+    if cfg.autocast:
+        dpsgd.check_autocast_support(model)
     device = next(model.parameters()).device
     probe = torch.Generator().manual_seed(0)
     chunk = cfg.chunk
     while chunk >= 1:
         x0 = torch.rand(chunk, *image_shape, generator=probe) * 2 - 1
-        y = torch.randint(model.num_classes, (chunk,), generator=probe)
+        y = torch.randint(ddpm.num_classes, (chunk,), generator=probe)
         inputs = (x0, *ddpm.draw_inputs(y, cfg.noise_draws, image_shape, probe))
         try:
             dpsgd.clipped_sum(model, ddpm.loss, tuple(v.to(device) for v in inputs), cfg.clip,
                               chunk, cfg.autocast)
-            return chunk
+            return chunk if chunk == cfg.chunk else max(1, chunk // 2)
         except torch.OutOfMemoryError:
             pass
         torch.cuda.empty_cache()  # outside the except: the failed pass's tensors are freed now
@@ -155,7 +161,8 @@ def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, 
     n, q, sigma, steps = len(x_all), plan["q"], plan["sigma"], plan["steps"]
     chunk = largest_chunk_that_fits(model, ddpm, cfg, x_all.shape[1:])
     if chunk < cfg.chunk:
-        print(f"[DP-SGD] {chunk} examples per pass: {cfg.chunk} do not fit in {device} memory")
+        print(f"[DP-SGD] {chunk} examples per pass: {cfg.chunk} do not fit in {device} memory "
+              f"with room to spare")
     for step in range(first_step, steps):
         batch = randomness.poisson_sample(n, q, secret).nonzero().flatten()
         # Drawn for the whole sample on every process (on the CPU), which keeps the secret

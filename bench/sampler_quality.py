@@ -35,8 +35,8 @@ from diffusion_sanity import train_diffusion  # noqa: E402
 
 # name: (solver, steps, bf16 autocast, seed, images per network batch)
 VARIANTS = {  # in order of interest, so that a stopped run has the important rows
-    "ddim25-fp32-b500": ("ddim", 25, False, 0, 500),  # the CPU preset's until 2026-11-30
-    "dpm2m15-bf16-b100": ("dpm2m", 15, True, 0, 100),  # the CPU preset's since
+    "ddim25-fp32-b500": ("ddim", 25, False, 0, 500),  # the CPU preset's until 2026-11-29
+    "dpm2m15-bf16-b100": ("dpm2m", 15, True, 0, 100),  # the CPU preset's since 2026-11-30
     "ddim25-fp32-b500-seed1": ("ddim", 25, False, 1, 500),
     "ddim25-bf16-b100": ("ddim", 25, True, 0, 100),
     "ddim15-bf16-b100": ("ddim", 15, True, 0, 100),  # is it the solver, or just fewer steps?
@@ -68,9 +68,14 @@ def main():
     fid_network = inception.load_inception(None, "cpu")
     cache = os.path.join(args.out, f"fid_stats_mnist_train_{args.n}.npz")
     fids_path = os.path.join(args.out, f"fids_{args.train_steps}_steps_{args.n}.json")
-    fids = json.load(open(fids_path)) if os.path.exists(fids_path) else {}
+    saved = {}
+    if os.path.exists(fids_path):
+        with open(fids_path) as f:
+            saved = json.load(f)
+    fids = {}
     for name, (solver, steps, autocast, seed, batch) in VARIANTS.items():
-        if name in fids:
+        if name in saved:  # a variant's settings never change under its name
+            fids[name] = saved[name]
             print(f"{name:24s} FID {fids[name]:7.2f}  (from {fids_path})", flush=True)
             continue
         started = time.perf_counter()
@@ -83,8 +88,9 @@ def main():
         fids[name] = evaluate.fid(samples, images[:args.n], "cpu", model=fid_network,
                                   reference_cache=cache, progress=None)
         data.save_grid(samples[:100], os.path.join(args.out, f"{name}.png"), nrow=10)
-        with open(fids_path, "w") as f:
-            json.dump(fids, f, indent=1)
+        with open(fids_path + ".tmp", "w") as f:  # then renamed: a kill never leaves half a file
+            json.dump(dict(saved, **fids), f, indent=1)
+        os.replace(fids_path + ".tmp", fids_path)
         print(f"{name:24s} FID {fids[name]:7.2f}  ({args.n / seconds:.2f} images/s)", flush=True)
     base = fids["ddim25-fp32-b500"]
     print("RESULT noise={:.2f} ".format(abs(base - fids["ddim25-fp32-b500-seed1"]))

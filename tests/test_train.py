@@ -489,23 +489,26 @@ def test_bad_input_is_one_line_and_nothing_is_written(case, finished_run, stoppe
 
 
 def test_the_dpsgd_chunk_is_halved_until_a_pass_fits_without_touching_the_model(monkeypatch):
-    # A GPU's out-of-memory error, faked for passes of more than 10 examples.
-    passes, real_clipped_sum = [], train.dpsgd.clipped_sum
+    passes, real_clipped_sum, fits = [], train.dpsgd.clipped_sum, 64
 
     def clipped_sum(model, loss, tensors, clip, chunk_size, autocast):
         passes.append(len(tensors[0]))
-        if len(tensors[0]) > fits:
+        if len(tensors[0]) > fits:  # a GPU's out-of-memory error, faked
             raise torch.OutOfMemoryError("CUDA out of memory (faked)")
         return real_clipped_sum(model, loss, tensors, clip, chunk_size, autocast)
 
     monkeypatch.setattr(train.dpsgd, "clipped_sum", clipped_sum)
     cfg = dataclasses.replace(TINY, chunk=64, noise_draws=2)
-    model = diffusion.make_unet("small", 1, 28, 10)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    fits = 10
-    assert train.largest_chunk_that_fits(model, diffusion.DDPM(), cfg, (1, 28, 28)) == 8
+    model, ddpm = diffusion.make_unet("small", 1, 28, 10), diffusion.DDPM()
+    weights, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    assert train.largest_chunk_that_fits(model, ddpm, cfg, (1, 28, 28)) == 64  # fits: kept
+    assert passes == [64]
+    fits, passes[:] = 10, []
+    # 8 fits, and half of it is taken: room for the rest of a step
+    assert train.largest_chunk_that_fits(model, ddpm, cfg, (1, 28, 28)) == 4
     assert passes == [64, 32, 16, 8]
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
     fits = 0
     with pytest.raises(ValueError, match="does not fit"):
-        train.largest_chunk_that_fits(model, diffusion.DDPM(), cfg, (1, 28, 28))
+        train.largest_chunk_that_fits(model, ddpm, cfg, (1, 28, 28))
