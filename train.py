@@ -117,12 +117,11 @@ def warm_up(model, optimizer, central_images, central_labels, cfg, ddpm, public,
 
 
 def largest_chunk_that_fits(model, ddpm, cfg, image_shape):
-    """Examples per per-example-gradient pass: cfg.chunk if one pass fits in the device's
+    """Examples per per-example-gradient pass on a GPU: cfg.chunk if one pass fits in its
     memory, else half the largest chunk that fits. A pass holds the activations of chunk x K
     noise-draw images (the paper preset: 256 x 32, about 140 GiB in float32 by the CPU's
     measure, more than most GPUs have). The extra halving is headroom: a real step also holds
     Adam's moments and the noise, and a chunk at the edge of memory could fail hours later.
-    Out-of-memory errors are caught on a GPU; on a CPU, Linux ends the process instead.
     The chunk changes neither the gradients nor the privacy, only memory and speed. The probe
     runs on random inputs from its own generator: it sees no sensitive image, so the chunk it
     picks reveals none, and it leaves the run's generators and weights as they were."""
@@ -159,7 +158,9 @@ def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, 
     device = next(model.parameters()).device
     x_all = diffusion.to_model_range(sensitive_images).to(device)
     n, q, sigma, steps = len(x_all), plan["q"], plan["sigma"], plan["steps"]
-    chunk = largest_chunk_that_fits(model, ddpm, cfg, x_all.shape[1:])
+    # (A CPU has no out-of-memory error to catch: Linux ends the process instead.)
+    chunk = (largest_chunk_that_fits(model, ddpm, cfg, x_all.shape[1:]) if device.type == "cuda"
+             else cfg.chunk)
     if chunk < cfg.chunk:
         print(f"[DP-SGD] {chunk} examples per pass: {cfg.chunk} do not fit in {device} memory "
               f"with room to spare")
