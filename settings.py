@@ -39,7 +39,7 @@ class Config:
     lr: float = 3e-4               # Adam learning rate (warm-up and DP-SGD)
     clip: float = 1.0              # per-example gradient clipping norm C
     ema: float = 0.999             # EMA decay of the weights during DP-SGD
-    chunk: int = 256               # examples per per-example-gradient pass (on a GPU: less if needed)
+    chunk: int = 256               # examples per per-example-gradient pass (a GPU may use fewer)
     autocast: bool = False         # bf16 network in DP-SGD and sampling (clipping and noise: fp32)
     sample_steps: int = 0          # deterministic sampler's steps (0: 1000-step ancestral DDPM)
     solver: str = "ddim"           # deterministic sampler: ddim or dpm2m (DPM-Solver++(2M))
