@@ -6,20 +6,47 @@
 Guidance (Ho & Salimans 2022): eps = (1 + w) eps(x, y) - w eps(x, null), where null is the label
 the model was trained to read as "no label" (DDPM.num_classes).
 
-`sample` is the entry point; the samplers work on float64 x with a Python int t, so table[t] of a
-DDPM's float64 schedule is a 0-dim CPU tensor, which torch applies to x on any device as a scalar.
+`sample` draws images for given labels; `sample_uniform` is the one sampling loop of a release
+(train.py's synthesis and sample.py): uniformly random labels, one batch at a time. The samplers
+work on float64 x with a Python int t, so table[t] of a DDPM's float64 schedule is a 0-dim CPU
+tensor, which torch applies to x on any device as a scalar.
 Sampling reads only the trained model: it is post-processing and costs no privacy.
 """
+import math
+
 import torch
 from torch import nn
 
 from diffusion import to_uint8
 
 SOLVERS = ("ddim", "dpm2m")
-# Images per network pass unless asked otherwise: on a 2-core CPU, 50 to 100 ran twice as fast
-# per image as 500, whose activations no longer fit in the caches (bench/sampling_speed.py);
-# a GPU wants large batches.
+# Images per network pass, the one batch size of sampling: on a 2-core CPU, 50 to 100 ran twice
+# as fast per image as 500, whose activations no longer fit in the caches
+# (bench/sampling_speed.py); a GPU wants large batches.
 CPU_BATCH, GPU_BATCH = 100, 500
+
+
+def settings_of(cfg):
+    """The sampler's arguments from a run's settings (settings.Config), where 0 steps means the
+    ancestral sampler."""
+    return dict(steps=cfg.sample_steps or None, guidance=cfg.guidance, autocast=cfg.autocast,
+                solver=cfg.solver)
+
+
+def sample_uniform(ddpm, model, n, generator, batch_size=None, **how):
+    """Yield (images, labels): n images with uniformly random labels, one batch of batch_size
+    (default: CPU_BATCH on a CPU, else GPU_BATCH) at a time, as uint8 [b, C, H, W] and int64
+    [b] on the CPU. `how`: `sample`'s other arguments.
+
+    A batch's labels are drawn only when it is asked for, just before its images, all from
+    `generator`. So a caller that keeps the batches and the generator's state between two
+    batches can stop, and continue later with sample_uniform(..., n - done, ...) from that
+    state: it gets what one uninterrupted loop yields (train.py's synthesis resumes so)."""
+    batch_size = batch_size or _default_batch_size(_device(model, generator.device))
+    for start in range(0, n, batch_size):
+        labels = torch.randint(ddpm.num_classes, (min(batch_size, n - start),),
+                               generator=generator, device=generator.device)
+        yield sample(ddpm, model, labels, generator, batch_size=batch_size, **how), labels.cpu()
 
 
 def sample(ddpm, model, labels, generator, steps=None, guidance=0.0, batch_size=None,
@@ -27,29 +54,25 @@ def sample(ddpm, model, labels, generator, steps=None, guidance=0.0, batch_size=
     """Generate images for the given labels -> uint8 [n, C, H, W] on the CPU.
 
     ddpm: the diffusion.DDPM the model was trained with (its schedule and null label).
-    labels: int64 [n], or an int n to draw n labels uniformly. steps: None for the full
-    ancestral sampler (T model calls), else the number of deterministic steps (network
-    calls) of `solver`: "ddim" or "dpm2m" (DPM-Solver++(2M)). guidance: w >= 0.
-    image_shape (C, H, W) defaults to the UNet's. Memory is bounded by batch_size, the
-    images per network pass (default: CPU_BATCH on a CPU, else GPU_BATCH).
+    labels: int64 [n]. steps: None for the full ancestral sampler (T model calls), else the
+    number of deterministic steps (network calls) of `solver`: "ddim" or "dpm2m"
+    (DPM-Solver++(2M)). guidance: w >= 0, finite. image_shape (C, H, W) defaults to the
+    UNet's. Memory is bounded by batch_size, the images per network pass (default: CPU_BATCH
+    on a CPU, else GPU_BATCH).
     autocast: the network runs under bfloat16 autocast (fast on CPUs with bf16 units and on
     GPUs); the sampler's own arithmetic stays float64 either way."""
-    if isinstance(labels, int):
-        labels = torch.randint(ddpm.num_classes, (labels,), generator=generator,
-                               device=generator.device)
     if steps is not None and not 1 <= steps <= ddpm.num_steps:
         raise ValueError(f"steps: must be in 1..{ddpm.num_steps} or None, got {steps}")
-    if guidance < 0:
-        raise ValueError(f"guidance: must be >= 0, got {guidance}")
+    if not (math.isfinite(guidance) and guidance >= 0):  # NaN would give black images
+        raise ValueError(f"guidance: must be a finite number >= 0, got {guidance}")
     if solver not in SOLVERS:
         raise ValueError(f"solver: must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if image_shape is None:
         if not hasattr(model, "image_size"):
             raise ValueError("image_shape: required when the model is not a UNet")
         image_shape = (model.in_channels, model.image_size, model.image_size)
-    params = list(model.parameters()) if isinstance(model, nn.Module) else []
-    device = params[0].device if params else labels.device
-    batch_size = batch_size or (CPU_BATCH if device.type == "cpu" else GPU_BATCH)
+    device = _device(model, labels.device)
+    batch_size = batch_size or _default_batch_size(device)
 
     # The schedule is float64; keep the arithmetic in float64 and feed the model float32.
     def float_model(x, t, y):
@@ -68,6 +91,16 @@ def sample(ddpm, model, labels, generator, steps=None, guidance=0.0, batch_size=
                 x = solve(ddpm, float_model, x, y, guidance, steps)
             out.append(to_uint8(x).cpu())
     return torch.cat(out)
+
+
+def _device(model, otherwise):
+    """Where the model's parameters are (a plain function has none: `otherwise`)."""
+    params = list(model.parameters()) if isinstance(model, nn.Module) else []
+    return params[0].device if params else torch.device(otherwise)
+
+
+def _default_batch_size(device):
+    return CPU_BATCH if device.type == "cpu" else GPU_BATCH
 
 
 def guided_eps(ddpm, model, x, t, y, guidance):

@@ -1,4 +1,6 @@
-"""Shared test set-up: the repository root on sys.path and where real MNIST lies.
+"""Shared test set-up: the repository root on sys.path, where real MNIST lies, and the helpers
+that more than one test module uses (imported as `from conftest import ...`: a test module
+never imports another test module).
 
 Tests never download. Real MNIST is read from $MNIST_DIR, else from ../shared/data/mnist beside
 the checkout (where this project's machines and CI keep it), else from ./data/mnist; tests that
@@ -12,6 +14,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from diffusion import UNet  # noqa: E402  (after the root is on sys.path)
 
 _CANDIDATES = [os.environ.get("MNIST_DIR"), os.path.join(ROOT, "..", "shared", "data", "mnist"),
                os.path.join(ROOT, "data", "mnist")]
@@ -35,3 +39,32 @@ def mnist_dir():
     if MNIST_DIR is None:
         pytest.skip("real MNIST not found (set MNIST_DIR)")
     return MNIST_DIR
+
+
+def tiny_unet(channels=1, size=16, num_classes=10):
+    """The UNet's every kind of layer (attention included) at a few thousand parameters."""
+    return UNet(channels, size, num_classes, base_width=8, channel_mults=(1, 2), num_res_blocks=1,
+                attn_resolutions=(size // 2,))
+
+
+def randomise_output_layer(model, seed=0):
+    """The output conv starts at zero (eps = 0 everywhere); give it weights so outputs depend on
+    the inputs and gradients reach every layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.conv_out.weight.copy_(0.1 * torch.randn(model.conv_out.weight.shape, generator=g))
+    return model
+
+
+class StopAfter:
+    """Stands in for Ctrl-C (runs.install_ctrl_c): `requested` is False for n reads, then True
+    (train.py's loops read it once per step, per sample batch and per evaluation progress
+    call)."""
+
+    def __init__(self, n):
+        self.reads_left = n
+
+    @property
+    def requested(self):
+        self.reads_left -= 1
+        return self.reads_left < 0

@@ -8,24 +8,11 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
 import diffusion
+from conftest import randomise_output_layer, tiny_unet
 from diffusion import DDPM, EMA, UNet, count_parameters, make_unet
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
-
-
-def tiny_unet(channels=1, size=16, num_classes=10):
-    return UNet(channels, size, num_classes, base_width=8, channel_mults=(1, 2), num_res_blocks=1,
-                attn_resolutions=(size // 2,))
-
-
-def randomise_output_layer(model, seed=0):
-    # The output conv starts at zero (eps = 0 everywhere); give it weights so outputs depend on
-    # the inputs and gradients reach every layer.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.conv_out.weight.copy_(0.1 * torch.randn(model.conv_out.weight.shape, generator=g))
-    return model
 
 
 # ------------------------------------------------------------------------------ UNet
@@ -365,10 +352,3 @@ def test_ema_update_and_state_dict():
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.5)
 
-
-def test_module_exports_the_contract():
-    assert set(diffusion.MODEL_SIZES) >= {"paper", "small"}
-    assert callable(diffusion.to_model_range) and callable(diffusion.to_uint8)
-    # The schedule stays on the CPU (each step gathers its values onto the data's device), so
-    # there is no DDPM.to to call, nor a device copy of the tables to keep in step.
-    assert not hasattr(DDPM(), "to")

@@ -1,12 +1,17 @@
 """Tests for samplers.py: each sampler against a model that knows the answer, against Ho et
 al.'s Algorithm 2 as printed, on Gaussian data with its exact eps (distribution and order of
-convergence), guidance, batching, determinism for a seed, and bad arguments."""
+convergence), guidance, batching, determinism for a seed, the uniform-label loop (its labels,
+its batches, stopping and continuing it), and bad arguments."""
+import dataclasses
+import math
+
 import pytest
 import torch
 
 import samplers
+import settings
+from conftest import randomise_output_layer, tiny_unet
 from diffusion import DDPM
-from test_diffusion import randomise_output_layer, tiny_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
@@ -177,10 +182,66 @@ def test_unet_sampler_is_deterministic_for_a_seed_and_respects_labels(steps):
     assert all(not torch.equal(a[i], d[i]) for i in range(4))
 
 
-def test_sample_rgb_and_uniform_labels():
-    model = tiny_unet(channels=3, size=32)
-    out = samplers.sample(DDPM(num_steps=10), model, 3, torch.Generator().manual_seed(0), steps=2)
-    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.uint8
+def test_sample_uniform_draws_every_label_equally_often_and_pairs_it_with_its_image():
+    # The oracle turns label y into a constant image of brightness level[y], so each image
+    # tells which label it was drawn for. 4,000 labels in 4 classes, in batches of 300: a
+    # chi-square test of uniformity with 3 degrees of freedom (P(chi2 > 21.1) = 1e-4). Labels
+    # drawn from 0..K (the null label included) or from fewer classes fail it by far.
+    ddpm, n, batch = DDPM(num_steps=10, num_classes=4), 4000, 300
+    level = torch.tensor([-0.9, -0.3, 0.3, 0.9, 0.0])  # labels 0..3 and null
+    batches = list(samplers.sample_uniform(ddpm, OracleX0(ddpm, level), n,
+                                           torch.Generator().manual_seed(0), batch_size=batch,
+                                           steps=2, image_shape=(1, 1, 1)))
+    assert [len(labels) for _, labels in batches] == [batch] * (n // batch) + [n % batch]
+    images = torch.cat([images for images, _ in batches])
+    labels = torch.cat([labels for _, labels in batches])
+    assert images.dtype == torch.uint8 and labels.dtype == torch.int64
+    images = images.flatten().int()
+    expected = torch.tensor([expected_uint8(v) for v in level.tolist()])[labels]
+    assert (images - expected).abs().max() <= 1
+    counts = torch.bincount(labels, minlength=5).double()
+    assert counts[4] == 0  # never the null label
+    chi2 = ((counts[:4] - n / 4) ** 2 / (n / 4)).sum().item()
+    assert chi2 < 21.1, counts
+
+
+@pytest.mark.parametrize("channels, size", [(1, 16), (3, 32)])
+def test_sample_uniform_stopped_between_batches_continues_as_one_loop(channels, size):
+    # How train.py's synthesis resumes: keep the batches done and the generator's state, then
+    # draw the rest from that state. A UNet with a random output layer makes every image depend
+    # on its noise, so any draw out of order shows; RGB and grayscale alike.
+    model = randomise_output_layer(tiny_unet(channels, size, num_classes=3), seed=2)
+    ddpm = DDPM(num_steps=20, num_classes=3)
+
+    def loop(n, generator):
+        return samplers.sample_uniform(ddpm, model, n, generator, batch_size=3, steps=2)
+
+    whole = list(loop(7, torch.Generator().manual_seed(5)))
+    g = torch.Generator().manual_seed(5)
+    stopped = loop(7, g)
+    first = next(stopped)
+    stopped.close()  # stopped after one batch: the rest is never drawn from g
+    rest = list(loop(7 - len(first[1]), torch.Generator().set_state(g.get_state())))
+    assert len(whole) == 1 + len(rest) == 3
+    for (images_a, labels_a), (images_b, labels_b) in zip(whole, [first] + rest, strict=True):
+        assert images_a.shape == (len(labels_a), channels, size, size)
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+    images = torch.cat([images for images, _ in whole]).float()
+    assert images.std() > 10  # images, not a constant
+    if channels == 3:  # three channels of their own, not one repeated
+        assert not torch.equal(images[:, 0], images[:, 1])
+        assert not torch.equal(images[:, 1], images[:, 2])
+
+
+def test_settings_of_a_run_are_the_samplers_arguments():
+    # A run's 0 sample steps means the ancestral sampler (steps=None), not zero steps.
+    cfg = dataclasses.replace(settings.TINY, sample_steps=0, guidance=1.5, autocast=True,
+                              solver="dpm2m")
+    assert samplers.settings_of(cfg) == dict(steps=None, guidance=1.5, autocast=True,
+                                             solver="dpm2m")
+    cfg = dataclasses.replace(cfg, sample_steps=15, guidance=0.0, autocast=False, solver="ddim")
+    assert samplers.settings_of(cfg) == dict(steps=15, guidance=0.0, autocast=False,
+                                             solver="ddim")
 
 
 def test_bad_sampling_arguments_raise():
@@ -189,6 +250,8 @@ def test_bad_sampling_arguments_raise():
         samplers.sample(ddpm, lambda x, t, y: x, torch.tensor([0]), torch.Generator())
     for kwargs, word in [(dict(steps=0), "steps"), (dict(steps=11), "steps"),
                          (dict(guidance=-1.0), "guidance"),
+                         (dict(guidance=math.nan), "guidance"),
+                         (dict(guidance=math.inf), "guidance"),
                          (dict(steps=2, solver="euler"), "solver")]:
         with pytest.raises(ValueError, match=word):
             samplers.sample(ddpm, model, torch.tensor([0]), torch.Generator(), **kwargs)
