@@ -5,17 +5,11 @@ of the synthetic set is best is kept (never chosen on the test set), and that mo
 once on the real test set. A generator that has learnt the classes gets a high number; one that
 draws the right label only by chance, or draws every class alike, gets ~1/classes.
 """
-import sys
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-
-
-def _stderr(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 class SmallCNN(nn.Module):
@@ -46,12 +40,13 @@ def _accuracy(model, images, labels, device, batch_size=1000):
 
 def classifier_accuracy(train_images, train_labels, test_images, test_labels, num_classes=10,
                         epochs=10, batch_size=64, lr=1e-3, val_fraction=0.1, seed=0,
-                        device=None, progress=_stderr):
+                        device=None, progress=None):
     """Train SmallCNN on (synthetic) train images, keep the epoch with the best accuracy on a
     held-out `val_fraction` of them, and return its accuracy on the (real) test set.
 
     The official code trains 50 epochs with Adam at lr 3e-4; the defaults here (10 epochs at
-    1e-3) keep a few thousand images to about a minute on a CPU. Returns a dict with
+    1e-3) keep a few thousand images to about a minute on a CPU. progress, if given, is called
+    with a line after each epoch. Returns a dict with
     test_accuracy, val_accuracy, best_epoch, epochs, n_train, n_val, n_test."""
     if epochs < 1:
         raise ValueError(f"epochs: need at least 1, got {epochs}")

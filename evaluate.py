@@ -17,6 +17,10 @@ TF-FID or clean-fid figures, which resize differently.)
 The other number, the accuracy of a classifier trained only on synthetic images, is
 classifier.py's.
 
+The samples file, written by train.py and sample.py and read here (`save_samples`,
+`load_samples`), is an .npz with `images`, uint8 N x H x W (grayscale) or N x H x W x C (colour),
+the layout of keras.datasets and of PIL, and `labels`, int64 N.
+
 CLI: python evaluate.py SAMPLES.npz --dataset mnist [--data-dir D] [--n N] [--inception PATH]
 prints both numbers and writes them to SAMPLES.eval.json. Bad input (a corrupt file, labels
 that do not fit, an unusable device or output path) is reported in one line, exit status 2,
@@ -248,7 +252,7 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _check_device(name):
+def check_device(name):
     """The torch.device called `name` (None: cuda when available, else cpu) if this machine
     has it, else one ValueError line."""
     if name is None:
@@ -269,9 +273,23 @@ def _check_device(name):
     return device
 
 
-def _read_samples(path, dataset):
-    """Images (uint8 [N, C, H, W]) and labels (int64 [N]) of a samples .npz, checked to fit
-    `dataset`: one ValueError line otherwise."""
+def save_samples(path, images, labels):
+    """Write synthetic images (any layout data.as_uint8_images takes, e.g. the samplers' uint8
+    N x C x H x W) and their labels as a samples file (see the module docstring), atomically:
+    an interrupted write leaves no partial file."""
+    images = data.as_uint8_images(images).permute(0, 2, 3, 1).numpy()  # N x H x W x C
+    labels = torch.as_tensor(labels).long().numpy()
+    if labels.shape != images.shape[:1]:
+        raise ValueError(f"labels: need one per image, got {labels.shape} for {len(images)}")
+    with open(path + ".part", "wb") as f:
+        np.savez_compressed(f, images=images[..., 0] if images.shape[-1] == 1 else images,
+                            labels=labels)
+    os.replace(path + ".part", path)
+
+
+def load_samples(path, dataset):
+    """Images (uint8 torch [N, C, H, W]) and labels (int64 [N]) of a samples file, checked to
+    fit `dataset`: one ValueError line otherwise."""
     arrays = _read_npz(path, ("images", "labels"), "samples", "corrupt or truncated file?")
     images, labels = data.as_uint8_images(arrays["images"]), arrays["labels"]
     info = data.INFO[dataset]
@@ -293,7 +311,8 @@ def _read_samples(path, dataset):
 def main(argv=None):
     parser = _OneLineParser(prog="evaluate.py",
                             description="FID and accuracy of synthetic images.")
-    parser.add_argument("samples", help=".npz with 'images' (uint8 NxHxW or NxHxWxC), 'labels'")
+    parser.add_argument("samples", help="a samples file: .npz with 'images' (uint8 NxHxW or "
+                        "NxHxWxC) and 'labels'")
     parser.add_argument("--dataset", required=True, choices=sorted(data.INFO))
     parser.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     parser.add_argument("--n", type=int, default=None,
@@ -313,8 +332,8 @@ def main(argv=None):
         # come after minutes of Inception features or classifier training.
         if args.epochs < 1:
             raise ValueError(f"--epochs: need at least 1, got {args.epochs}")
-        device = _check_device(args.device)
-        images, labels = _read_samples(args.samples, args.dataset)
+        device = check_device(args.device)
+        images, labels = load_samples(args.samples, args.dataset)
         n = len(images) if args.n is None else args.n
         if not 2 <= n <= len(images):
             raise ValueError(f"--n: need 2..{len(images)} (the number of samples), got {n}")
@@ -330,7 +349,7 @@ def main(argv=None):
                         reference_cache=cache)
         accuracy = classifier_accuracy(images, labels, test_images, test_labels,
                                        data.INFO[args.dataset]["classes"], epochs=args.epochs,
-                                       seed=args.seed, device=device)
+                                       seed=args.seed, device=device, progress=_stderr)
         result = dict(samples=args.samples, dataset=args.dataset, fid=fid_value, fid_images=n,
                       accuracy=accuracy["test_accuracy"], classifier=accuracy)
         with open(out, "w") as f:

@@ -18,6 +18,7 @@ import torch
 import data
 import evaluate
 import inception
+from classifier import classifier_accuracy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_WEIGHTS = os.path.join(torch.hub.get_dir(), "checkpoints", inception.FID_WEIGHTS_FILE)
@@ -326,6 +327,32 @@ def test_fid_hands_generated_and_cached_reference_statistics_to_the_distance(
         assert int(cached["count"]) == len(reference)
 
 
+# ---- the samples file -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_samples_file_holds_the_documented_layout_and_reads_back(dataset, tmp_path):
+    # Random pixels: a transposed, flipped or channel-mixed round trip cannot pass.
+    info = data.INFO[dataset]
+    images = torch.randint(0, 256, (5, info["channels"], info["size"], info["size"]),
+                           dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([3, 0, 9, 9, 1])
+    path = str(tmp_path / "samples.npz")
+    evaluate.save_samples(path, images, labels)
+    assert os.listdir(tmp_path) == ["samples.npz"]  # no partial file left behind
+    with np.load(path) as saved:  # what other tools see: N x H x W, or N x H x W x C
+        hwc = images.permute(0, 2, 3, 1).numpy()
+        assert np.array_equal(saved["images"], hwc[..., 0] if info["channels"] == 1 else hwc)
+        assert saved["labels"].dtype == np.int64
+        assert np.array_equal(saved["labels"], labels.numpy())
+    read_images, read_labels = evaluate.load_samples(path, dataset)
+    assert torch.equal(read_images, images) and torch.equal(read_labels, labels)
+    other = "cifar10" if dataset == "mnist" else "mnist"
+    with pytest.raises(ValueError, match=f"do not match {other}"):
+        evaluate.load_samples(path, other)
+    with pytest.raises(ValueError, match="one per image"):
+        evaluate.save_samples(path, images, labels[:4])
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 def test_cli_fid_of_a_set_with_itself_is_zero_and_json_is_written(mnist_dir, random_weights,
@@ -335,7 +362,7 @@ def test_cli_fid_of_a_set_with_itself_is_zero_and_json_is_written(mnist_dir, ran
     # each FID costs a 2048 x 2048 sqrtm (~15 s here), so this is the only such call.
     images, labels = data.load("mnist", "train", mnist_dir)
     samples = tmp_path / "samples.npz"
-    np.savez(samples, images=images[:200, 0].numpy(), labels=labels[:200].numpy())
+    evaluate.save_samples(str(samples), images[:200], labels[:200])
     argv = [str(samples), "--dataset", "mnist", "--data-dir", mnist_dir, "--n", "5",
             "--inception", random_weights[0], "--cache-dir", str(tmp_path / "cache"),
             "--epochs", "1", "--device", "cpu"]
@@ -345,7 +372,13 @@ def test_cli_fid_of_a_set_with_itself_is_zero_and_json_is_written(mnist_dir, ran
     assert evaluate.main(argv) == 0
     result = json.loads((tmp_path / "samples.eval.json").read_text())
     assert result["fid_images"] == 5 and abs(result["fid"]) < 1e-3
-    assert 0 <= result["accuracy"] <= 1 and result["classifier"]["n_test"] == 1000
+    # The accuracy is the classifier's on these samples and labels (its own tests are in
+    # test_classifier.py): the same call, made here, gives the same numbers.
+    test_images, test_labels = data.load("mnist", "test", mnist_dir)
+    direct = classifier_accuracy(images[:200], labels[:200], test_images, test_labels, 10,
+                                 epochs=1, seed=0, device="cpu", progress=None)
+    assert result["classifier"] == direct and result["accuracy"] == direct["test_accuracy"]
+    assert direct["n_test"] == 1000
     with np.load(tmp_path / "cache" / "fid_stats_mnist_train_5.npz") as cached:
         assert cached["mu"].shape == (2048,) and cached["sigma"].shape == (2048, 2048)
         assert int(cached["count"]) == 5
@@ -353,8 +386,9 @@ def test_cli_fid_of_a_set_with_itself_is_zero_and_json_is_written(mnist_dir, ran
 
 
 def write_samples(path, labels=None, save=np.savez):
-    """A samples file as train.py writes it: 6 random MNIST-sized images, labels 0..5. (Random
-    pixels do not compress, so the middle of the file is image data with either `save`.)"""
+    """A samples file in the layout save_samples writes (written here without it, so that bad
+    labels stay as they are): 6 random MNIST-sized images, labels 0..5. (Random pixels do not
+    compress, so the middle of the file is image data with either `save`.)"""
     images = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
     save(path, images=images, labels=np.arange(6) if labels is None else labels)
 
