@@ -187,7 +187,7 @@ def reference_stats(images, cache_path=None, device=None, weights=None, model=No
                              f"another path")
         return cached["mu"], cached["sigma"]
     os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
-    _check_writable(cache_path)  # fail now, not after minutes of features
+    check_writable(cache_path)  # fail now, not after minutes of features
     mu, sigma = feature_statistics(inception_features(images, batch_size, device, weights,
                                                       model, progress))
     with open(cache_path + ".part", "wb") as f:
@@ -225,7 +225,7 @@ def _read_npz(path, keys, what, hint):
     return arrays
 
 
-def _check_writable(path):
+def check_writable(path):
     """Raise a one-line OSError now if `path` cannot be written; leave the file system as it
     was (a missing file is created and removed again, an existing one is not changed)."""
     existed = os.path.exists(path)
@@ -337,7 +337,7 @@ def main(argv=None):
         n = len(images) if args.n is None else args.n
         if not 2 <= n <= len(images):
             raise ValueError(f"--n: need 2..{len(images)} (the number of samples), got {n}")
-        _check_writable(out)
+        check_writable(out)
         model = load_inception(args.inception, device)
         train_images, _ = data.load(args.dataset, "train", args.data_dir)
         test_images, test_labels = data.load(args.dataset, "test", args.data_dir)

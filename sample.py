@@ -1,29 +1,33 @@
 """Draw more synthetic images from a trained run, without training again.
 
     python sample.py runs/mnist-eps1 --n 10000        # -> runs/mnist-eps1/more_samples.npz
-    python sample.py runs/mnist-eps1 --n 60000 --out mnist60k.npz --steps 20 --solver dpm2m
+    python sample.py runs/mnist-eps1 --n 60000 --out mnist60k.npz --sample-steps 20
+    python evaluate.py mnist60k.npz --dataset mnist
 
 The images come from the run's EMA weights, which are themselves post-processing of the
 DP releases: sampling reads nothing else from the checkpoint (never its secret generator
 state, never the data), so it costs no privacy and its epsilon is the run's. Draw as many as
-you like. The run's sampler settings are the defaults; --steps, --solver and --guidance
-change them for this file only. The .npz holds `images` (uint8 N x C x H x W) and `labels`,
-the layout evaluate.py reads. An existing output file is never overwritten.
+you like. The run's sampler settings are the defaults; --sample-steps, --solver and --guidance
+(train.py's flags, with its checks) change them for this file only. The images are drawn by
+the loop that train.py's synthesis uses (samplers.sample_uniform) and written as the samples
+file that train.py writes and evaluate.py reads (evaluate.save_samples). An existing output
+file is never overwritten.
 """
+import dataclasses
 import os
 import secrets
 import sys
 
-import numpy as np
 import torch
 
 import data
 import diffusion
+import evaluate
 import runs
 import samplers
 import settings
 
-BATCH = 500  # images per sampler call, a progress line after each
+SAMPLER_SETTINGS = ("sample_steps", "solver", "guidance")  # what this command may change
 
 
 def load_trained_model(folder):
@@ -49,35 +53,36 @@ def main(argv=None):
     p.add_argument("run", help="a run folder of train.py that has finished DP-SGD")
     p.add_argument("--n", type=int, required=True, help="number of images (labels uniform)")
     p.add_argument("--out", help="output .npz (default: RUN/more_samples.npz)")
-    p.add_argument("--steps", type=int, help="sampler steps (0: ancestral; default: the run's)")
+    p.add_argument("--sample-steps", type=int,
+                   help="sampler steps (0: ancestral; default: the run's)")
     p.add_argument("--solver", choices=samplers.SOLVERS, help="default: the run's")
     p.add_argument("--guidance", type=float, help="guidance weight w (default: the run's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--seed", type=int, help="fix the sampler's randomness (default: fresh)")
     args = p.parse_args(argv)
     out = args.out or os.path.join(args.run, "more_samples.npz")
     try:
+        # Everything that can be checked in seconds is checked before any image is drawn.
         if args.n < 1:
             raise ValueError(f"--n: need at least 1 image, got {args.n}")
+        device = evaluate.check_device(args.device)
         if os.path.exists(out):
             raise ValueError(f"--out: {out} exists; choose another file (nothing is overwritten)")
+        evaluate.check_writable(out)
         cfg, model = load_trained_model(args.run)
-        steps = cfg.sample_steps if args.steps is None else args.steps
-        guidance = cfg.guidance if args.guidance is None else args.guidance
-        device = torch.device(args.device)
-        model = model.to(device)
+        cfg = dataclasses.replace(cfg, **{name: getattr(args, name) for name in SAMPLER_SETTINGS
+                                          if getattr(args, name) is not None})
+        settings.check_settings(cfg)  # e.g. a NaN guidance would draw black images
         ddpm = diffusion.DDPM(num_classes=data.INFO[cfg.dataset]["classes"])
         generator = torch.Generator(device).manual_seed(
             secrets.randbits(63) if args.seed is None else args.seed)
-        labels = torch.randint(ddpm.num_classes, (args.n,), generator=generator, device=device)
-        pieces = []
-        for i, batch in enumerate(labels.split(BATCH)):
-            pieces.append(samplers.sample(ddpm, model, batch, generator, steps=steps or None,
-                                          guidance=guidance, autocast=cfg.autocast,
-                                          solver=args.solver or cfg.solver))
-            print(f"sampled {min((i + 1) * BATCH, args.n)}/{args.n}", flush=True)
-        runs.atomic_write(out, lambda f: np.savez_compressed(
-            f, images=torch.cat(pieces).numpy(), labels=labels.cpu().numpy()))
+        images, labels = [], []
+        for batch_images, batch_labels in samplers.sample_uniform(
+                ddpm, model.to(device), args.n, generator, **samplers.settings_of(cfg)):
+            images.append(batch_images)
+            labels.append(batch_labels)
+            print(f"sampled {sum(map(len, labels))}/{args.n}", flush=True)
+        evaluate.save_samples(out, torch.cat(images), torch.cat(labels))
     except (ValueError, RuntimeError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
