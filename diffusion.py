@@ -238,13 +238,18 @@ def cosine_betas(num_steps, s=0.008):
     return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
 
 
+TIMESTEP_DISTS = ("uniform", "noisy", "lognormal")
+
+
 class DDPM:
     """Noise schedule, forward noising and the per-example loss (the samplers: samplers.py).
 
     num_classes is the number of real labels K; label K is the null label for guidance.
-    timestep_dist: "uniform" (Ho et al.), or "noisy": P(t) proportional to t + 1, which spends
-    more of the (DP-noised) gradient signal on noisy timesteps, where the coarse shape of the
-    image is decided.
+    timestep_dist, the distribution of training timesteps (TIMESTEP_DISTS): "uniform" (Ho et
+    al.); "noisy": P(t) proportional to t + 1, which spends more of the (DP-noised) gradient
+    signal on noisy timesteps, where the coarse shape of the image is decided; "lognormal":
+    EDM's log-normal noise levels (Karras et al. 2022, used by DPDM), log sigma ~ N(-1.2, 1.2^2)
+    with sigma_t = sqrt((1 - abar_t) / abar_t), which favours low and middle noise levels.
 
     Every coefficient the loss and the samplers use is computed once, below, as a float64 table
     over t on the CPU. A step indexes the tables and moves the few values it needs to the data's
@@ -254,8 +259,9 @@ class DDPM:
     def __init__(self, num_steps=1000, schedule="linear", timestep_dist="uniform", num_classes=10):
         if schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule: must be 'linear' or 'cosine', got {schedule!r}")
-        if timestep_dist not in ("uniform", "noisy"):
-            raise ValueError(f"timestep_dist: must be 'uniform' or 'noisy', got {timestep_dist!r}")
+        if timestep_dist not in TIMESTEP_DISTS:
+            raise ValueError(f"timestep_dist: must be one of {', '.join(TIMESTEP_DISTS)}, got "
+                             f"{timestep_dist!r}")
         if num_steps < 1:
             raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
         self.num_steps, self.schedule, self.timestep_dist = num_steps, schedule, timestep_dist
@@ -276,6 +282,12 @@ class DDPM:
         weights = torch.ones(num_steps, dtype=torch.float64)
         if timestep_dist == "noisy":
             weights = torch.arange(1, num_steps + 1, dtype=torch.float64)
+        if timestep_dist == "lognormal":
+            # Each t gets the normal's mass of log sigma between the midpoints to its neighbours
+            # (the tails go to the first and last t): EDM's continuous law on this schedule.
+            log_sigma = 0.5 * torch.log((1 - self.alphas_bar) / self.alphas_bar)
+            edges = torch.special.ndtr(((log_sigma[1:] + log_sigma[:-1]) / 2 + 1.2) / 1.2)
+            weights = torch.diff(edges, prepend=edges.new_zeros(1), append=edges.new_ones(1))
         self.timestep_probs = weights / weights.sum()
 
     @staticmethod

@@ -35,6 +35,7 @@ class Config:
     model: str = "paper"           # UNet size: paper (1.4 M parameters) or small (0.27 M)
     batch: int = 4000              # expected (Poisson) batch size of DP-SGD: q = batch / N
     epochs: float = 150.0          # DP-SGD epochs: steps = epochs * N / batch
+    timesteps: str = "uniform"     # training timestep law: uniform (DDPM), noisy (P(t)~t), lognormal
     noise_draws: int = 32          # diffusion noise draws K per example, averaged before clipping
     lr: float = 3e-4               # Adam learning rate (warm-up and DP-SGD)
     clip: float = 1.0              # per-example gradient clipping norm C
@@ -104,6 +105,7 @@ def parse_args(argv=None, description=None):
     setting("--model")
     setting("--batch", type=int)
     setting("--epochs", type=float)
+    setting("--timesteps", choices=diffusion.TIMESTEP_DISTS)
     setting("--noise-draws", type=int)
     setting("--lr", type=float)
     setting("--clip", type=float)
@@ -198,7 +200,7 @@ def check_settings(cfg):
         if isinstance(value, (int, float)) and not (test(value) and value < float("inf")):
             raise ValueError(f"{flag(f.name)} must be {words}, got {value}")
     for name, allowed in dict(dataset=data.INFO, model=diffusion.MODEL_SIZES,
-                              solver=samplers.SOLVERS).items():
+                              timesteps=diffusion.TIMESTEP_DISTS, solver=samplers.SOLVERS).items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name}: unknown '{getattr(cfg, name)}', choose one of "
                              f"{', '.join(allowed)}")

@@ -250,7 +250,7 @@ def new_run(cfg, plan, folder, device, seed):
     secret = randomness.secret_generator(seed)
     public = torch.Generator(device).manual_seed(secrets.randbits(63) if seed is None else seed + 1)
     return runs.Run(folder, [stage.__name__ for stage in STAGES] + ["done"], cfg, plan, device,
-                    model, diffusion.DDPM(num_classes=info["classes"]),
+                    model, diffusion.DDPM(timestep_dist=cfg.timesteps, num_classes=info["classes"]),
                     *fresh_optimizer_and_ema(model, cfg), secret, public, seed is not None,
                     accountant.PrivacyLedger(cfg.delta))
 

@@ -1,0 +1,234 @@
+"""The recipe campaign as a queue: train.py runs and post-processing of finished runs, one at a
+time, one CSV row each, resumable, so that any machine can finish it where the last one stopped.
+
+    OMP_NUM_THREADS=1 python bench/campaign.py --data-dir ../shared/data/mnist \
+        --out bench/out/campaign --csv bench/results/campaign.csv
+
+Three kinds of job (JOBS below; each has an id, and a job whose id is in the CSV is done):
+* trunk: the easy stage alone (`train.py --no-dpsgd`): central images and warm-up, then the
+  warmed-up model sampled and evaluated (the teaching row "warm-up alone").
+* train: a DP-SGD variant (a few train.py flags on the preset). When its easy stage is the
+  trunk's (same central-image and warm-up settings), it branches from the trunk's checkpoint:
+  the warmed-up weights, the secret generator's state after the central images and the ledger
+  that holds them, with the variant's own settings and privacy plan; DP-SGD, synthesis and
+  evaluation then run as `train.py --resume`. A branch is its own release: its ledger composes
+  the central images with its DP-SGD. All variants of one seed branch from one trunk, so they
+  differ only in what they change.
+* post: post-processing of a finished run's model (no privacy cost): sample n images with a
+  guidance weight, solver and steps, then the classifier's held-out synthetic accuracy, its
+  test accuracy and FID (the first 1,000 generated vs the first 1,000 training images).
+
+Choose settings by FID and the held-out synthetic accuracy; the test accuracy is reported. Runs
+use --seed (the DP noise is then reproducible: for experiments only). A stopped campaign starts
+again where it stopped: finished jobs are skipped and an interrupted run resumes.
+"""
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import classifier  # noqa: E402
+import data  # noqa: E402
+import diffusion  # noqa: E402
+import evaluate  # noqa: E402
+import runs  # noqa: E402
+import sample  # noqa: E402
+import samplers  # noqa: E402
+import settings  # noqa: E402
+import train  # noqa: E402
+
+# The settings of the easy stage: a variant that keeps them all can branch from the trunk.
+EASY_STAGE = ("dataset", "delta", "central", "central_q", "central_sigma", "central_queries",
+              "warmup_steps", "warmup_batch", "model", "lr", "train_subset")
+
+
+def post(run, tag, **sampling):
+    return dict(id=f"{run}/{tag}", kind="post", run=run, **sampling)
+
+
+# In order of interest: the cheap post-processing levers on one model first, then retraining.
+JOBS = [
+    dict(id="trunk-s0", kind="trunk", seed=0),
+    dict(id="base-s0", kind="train", seed=0, flags=[]),
+    post("base-s0", "g1-n2k-seed1", guidance=1.0, n=2000, sample_seed=1),  # the protocol's noise
+    post("base-s0", "g0-n2k", guidance=0.0, n=2000),
+    post("base-s0", "g0-n10k", guidance=0.0, n=10000),
+    post("base-s0", "g0.5-n10k", guidance=0.5, n=10000),
+    dict(id="noisy-s0", kind="train", seed=0, flags=["--timesteps", "noisy"]),
+    dict(id="lognormal-s0", kind="train", seed=0, flags=["--timesteps", "lognormal"]),
+    post("noisy-s0", "g0-n10k", guidance=0.0, n=10000),
+    post("lognormal-s0", "g0-n10k", guidance=0.0, n=10000),
+    post("base-s0", "g0-n20k", guidance=0.0, n=20000),
+    post("base-s0", "g0-n10k-c30", guidance=0.0, n=10000, classifier_epochs=30),
+    dict(id="ema0.99-s0", kind="train", seed=0, flags=["--ema", "0.99"]),
+    dict(id="b2048-s0", kind="train", seed=0, flags=["--batch", "2048", "--epochs", "7"]),
+    dict(id="b512-s0", kind="train", seed=0, flags=["--batch", "512", "--epochs", "1.75"]),
+    dict(id="no-central-s0", kind="train", seed=0, flags=["--no-central"]),
+    dict(id="eps10-s0", kind="train", seed=0, flags=["--eps", "10"]),
+]
+
+
+def config_of(flags, args, seed):
+    """The Config train.py would make for these flags on the preset."""
+    parsed = settings.parse_args(["--preset", args.preset, "--seed", str(seed), *flags])
+    parsed.device = "cpu"
+    return settings.settings_of(parsed, None, None)
+
+
+def run_train(cmd, args):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *cmd]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    print(" ".join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise RuntimeError(f"train.py failed: {' '.join(cmd)}")
+
+
+def branch(trunk, folder, cfg, n):
+    """A new run folder whose checkpoint is the trunk's state at the end of its warm-up, with
+    cfg's settings and privacy plan: train.py --resume then runs DP-SGD and what follows."""
+    state = runs.load_checkpoint(trunk)
+    model = diffusion.make_unet(cfg.model, *(data.INFO[cfg.dataset][k]
+                                             for k in ("channels", "size", "classes")))
+    model.load_state_dict(state["model"])  # the raw warmed-up weights DP-SGD starts from
+    optimizer, ema = train.fresh_optimizer_and_ema(model, cfg)
+    state.update(cfg=dataclasses.asdict(cfg), plan=train.privacy_plan(cfg, n),
+                 stage="train_dpsgd", step=0, samples=[], metrics={},
+                 timings={k: v for k, v in state["timings"].items()
+                          if k in ("release_central_images", "warm_up")},
+                 optimizer=optimizer.state_dict(), ema=ema.state_dict())
+    os.makedirs(folder, exist_ok=True)
+    # The trunk's FID statistics of the real images too: the same images, computed once.
+    for picture in ("central_images.png", "warmup_samples.png", "fid_stats_train_1000.npz"):
+        shutil.copy(os.path.join(trunk, picture), folder)
+    runs.save_checkpoint(folder, state)
+
+
+def train_row(job, folder):
+    report = json.load(open(os.path.join(folder, runs.REPORT)))
+    accuracy, fid = report["metrics"].get("accuracy", {}), report["metrics"].get("fid") or {}
+    plan = report["privacy_plan"]
+    return dict(eps=round(report["privacy_spent"]["eps"], 4),
+                sigma=plan["dpsgd"]["sigma"] if plan["dpsgd"] else "",
+                steps=plan["dpsgd"]["steps"] if plan["dpsgd"] else 0,
+                synthetic_val_accuracy=accuracy.get("val_accuracy"),
+                test_accuracy=accuracy.get("test_accuracy"), fid=fid.get("value"),
+                **{f"s_{k}": round(v, 1) for k, v in report["timings_s"].items()})
+
+
+def do_train(job, args):
+    folder = os.path.join(args.out, job["id"])
+    trunk = os.path.join(args.out, f"trunk-s{job['seed']}")
+    if not os.path.exists(os.path.join(folder, runs.CHECKPOINT)):
+        cfg = config_of(job["flags"], args, job["seed"])
+        trunk_cfg = config_of(["--no-dpsgd"], args, job["seed"])
+        n = len(data.load(cfg.dataset, "train", args.data_dir)[1][:cfg.train_subset or None])
+        if (cfg.central and all(getattr(cfg, k) == getattr(trunk_cfg, k) for k in EASY_STAGE)
+                and os.path.exists(os.path.join(trunk, runs.CHECKPOINT))):
+            branch(trunk, folder, cfg, n)
+        else:
+            run_train(["--preset", args.preset, "--out", folder, "--seed", str(job["seed"]),
+                       *job["flags"]], args)
+            return train_row(job, folder)
+    if runs.load_checkpoint(folder)["stage"] != "done":
+        run_train(["--resume", folder], args)
+    return train_row(job, folder)
+
+
+def do_trunk(job, args):
+    folder = os.path.join(args.out, job["id"])
+    report = os.path.join(folder, runs.REPORT)
+    if not os.path.exists(report):
+        run_train(["--preset", args.preset, "--no-dpsgd", "--out", folder, "--seed",
+                   str(job["seed"])], args)
+    elif json.load(open(report))["stage"] != "done":
+        run_train(["--resume", folder], args)
+    return train_row(job, folder)
+
+
+def do_post(job, args):
+    folder = os.path.join(args.out, job["run"])
+    cfg, model = sample.load_trained_model(folder)
+    ddpm = diffusion.DDPM(num_classes=data.INFO[cfg.dataset]["classes"])
+    generator = torch.Generator().manual_seed(job.get("sample_seed", 0))
+    labels = torch.randint(ddpm.num_classes, (job["n"],), generator=generator)
+    started = time.time()
+    images = torch.cat([samplers.sample(ddpm, model, y, generator,
+                                        steps=job.get("steps", cfg.sample_steps) or None,
+                                        guidance=job["guidance"], autocast=cfg.autocast,
+                                        solver=job.get("solver", cfg.solver))
+                        for y in labels.split(500)])
+    sampled = time.time()
+    test_images, test_labels = data.load(cfg.dataset, "test", args.data_dir)
+    accuracy = classifier.classifier_accuracy(
+        images, labels, test_images, test_labels, ddpm.num_classes,
+        job.get("classifier_epochs", cfg.classifier_epochs), lr=cfg.classifier_lr, seed=0,
+        device="cpu", progress=None)
+    evaluated = time.time()
+    real = data.load(cfg.dataset, "train", args.data_dir)[0][:1000]
+    fid = evaluate.fid(images[:1000], real, device="cpu",
+                       reference_cache=os.path.join(folder, "fid_stats_train_1000.npz"),
+                       progress=None)
+    return dict(synthetic_val_accuracy=accuracy["val_accuracy"],
+                test_accuracy=accuracy["test_accuracy"], fid=fid,
+                s_synthesize=round(sampled - started, 1),
+                s_classifier=round(evaluated - sampled, 1),
+                s_fid=round(time.time() - evaluated, 1))
+
+
+FIELDS = ["id", "kind", "commit", "flags", "eps", "sigma", "steps", "synthetic_val_accuracy",
+          "test_accuracy", "fid", "s_release_central_images", "s_warm_up", "s_train_dpsgd",
+          "s_synthesize", "s_evaluate_release", "s_classifier", "s_fid", "finished"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "campaign"))
+    p.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "campaign.csv"))
+    p.add_argument("--only", nargs="*", help="job ids to run (default: all, in order)")
+    args = p.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    done = set()
+    if os.path.exists(args.csv):
+        with open(args.csv) as f:
+            done = {row["id"] for row in csv.DictReader(f)}
+    for job in JOBS:
+        if job["id"] in done or (args.only and job["id"] not in args.only):
+            continue
+        print(f"== {job['id']}", flush=True)
+        try:
+            row = dict(trunk=do_trunk, train=do_train, post=do_post)[job["kind"]](job, args)
+        except (RuntimeError, ValueError) as e:
+            print(f"== {job['id']} failed: {e}", flush=True)
+            continue
+        flags = job.get("flags") or [f"{k}={v}" for k, v in job.items()
+                                     if k not in ("id", "kind", "run", "seed")]
+        row = dict(row, id=job["id"], kind=job["kind"], commit=commit, flags=" ".join(flags),
+                   finished=time.strftime("%Y-%m-%d %H:%M"))
+        new = not os.path.exists(args.csv)
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "a", newline="") as f:  # one row as each job lands
+            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        print(f"== {job['id']}: {row}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
