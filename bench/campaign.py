@@ -58,24 +58,25 @@ def post(run, tag, **sampling):
 
 
 # In order of interest: the cheap post-processing levers on one model first, then retraining.
+# Batch variants keep --epochs, so they cost the same time: 2048 x 103 and 512 x 410 steps.
+G0 = ["--guidance", "0", "--n-samples", "10000"]  # the sampling levers' first result, below
 JOBS = [
     dict(id="trunk-s0", kind="trunk", seed=0),
     dict(id="base-s0", kind="train", seed=0, flags=[]),
-    post("base-s0", "g1-n2k-seed1", guidance=1.0, n=2000, sample_seed=1),  # the protocol's noise
-    post("base-s0", "g0-n2k", guidance=0.0, n=2000),
     post("base-s0", "g0-n10k", guidance=0.0, n=10000),
     post("base-s0", "g0.5-n10k", guidance=0.5, n=10000),
-    dict(id="noisy-s0", kind="train", seed=0, flags=["--timesteps", "noisy"]),
-    dict(id="lognormal-s0", kind="train", seed=0, flags=["--timesteps", "lognormal"]),
-    post("noisy-s0", "g0-n10k", guidance=0.0, n=10000),
-    post("lognormal-s0", "g0-n10k", guidance=0.0, n=10000),
+    dict(id="noisy-g0-s0", kind="train", seed=0, flags=["--timesteps", "noisy", *G0]),
+    dict(id="lognormal-g0-s0", kind="train", seed=0, flags=["--timesteps", "lognormal", *G0]),
+    post("base-s0", "g1-n2k-seed1", guidance=1.0, n=2000, sample_seed=1),  # the protocol's noise
+    post("base-s0", "g0-n10k-seed1", guidance=0.0, n=10000, sample_seed=1),
+    post("base-s0", "g0-n2k", guidance=0.0, n=2000),
+    dict(id="ema0.99-g0-s0", kind="train", seed=0, flags=["--ema", "0.99", *G0]),
+    dict(id="b2048-g0-s0", kind="train", seed=0, flags=["--batch", "2048", *G0]),
+    dict(id="b512-g0-s0", kind="train", seed=0, flags=["--batch", "512", *G0]),
     post("base-s0", "g0-n20k", guidance=0.0, n=20000),
     post("base-s0", "g0-n10k-c30", guidance=0.0, n=10000, classifier_epochs=30),
-    dict(id="ema0.99-s0", kind="train", seed=0, flags=["--ema", "0.99"]),
-    dict(id="b2048-s0", kind="train", seed=0, flags=["--batch", "2048", "--epochs", "7"]),
-    dict(id="b512-s0", kind="train", seed=0, flags=["--batch", "512", "--epochs", "1.75"]),
-    dict(id="no-central-s0", kind="train", seed=0, flags=["--no-central"]),
-    dict(id="eps10-s0", kind="train", seed=0, flags=["--eps", "10"]),
+    dict(id="no-central-g0-s0", kind="train", seed=0, flags=["--no-central", *G0]),
+    dict(id="eps10-g0-s0", kind="train", seed=0, flags=["--eps", "10", *G0]),
 ]
 
 
