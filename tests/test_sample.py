@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
