@@ -73,12 +73,13 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, **{name: getattr(args, name) for name in SAMPLER_SETTINGS
                                           if getattr(args, name) is not None})
         settings.check_settings(cfg)  # e.g. a NaN guidance would draw black images
+        model = model.to(device)
         ddpm = diffusion.DDPM(num_classes=data.INFO[cfg.dataset]["classes"])
         generator = torch.Generator(device).manual_seed(
             secrets.randbits(63) if args.seed is None else args.seed)
         images, labels = [], []
         for batch_images, batch_labels in samplers.sample_uniform(
-                ddpm, model.to(device), args.n, generator, **samplers.settings_of(cfg)):
+                ddpm, model, args.n, generator, **samplers.settings_of(cfg)):
             images.append(batch_images)
             labels.append(batch_labels)
             print(f"sampled {sum(map(len, labels))}/{args.n}", flush=True)
