@@ -115,51 +115,76 @@ def per_sample_grads(model, per_example_loss, *batch_tensors, chunk_size=None, a
     return {n: torch.cat([piece[n] for piece in pieces]) for n in params}
 
 
-def clip_margin(numels):
-    """The relative margin m such that clipping float32 gradients to C (1 - m) keeps every
-    contribution's exact norm <= C, whatever order the float32 sums are taken in.
+# The clipping norms C that dp_step accepts: the normal float32 numbers, like the gradients that C
+# bounds. For every such C and every finite float32 gradient, the float64 arithmetic of clipping,
+# summing and noising neither underflows nor overflows, as clip_margin's proof assumes. (With
+# float32 squares, C = 1e-30 clipped nothing: a gradient of norm 10 C had squares below float32's
+# range, its norm came out 0, and it passed unclipped.)
+CLIP_NORM_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
 
-    numels: the sizes of the trainable parameter tensors. A float32 sum of n non-negative
-    terms is off by at most (n - 1) 2^-24 of itself (Higham, "Accuracy and Stability of
-    Numerical Algorithms", Sec. 4.2), so a tensor's norm by at most about n/2 ulps, the norm
-    over all tensors by len(numels)/2 more, and factor * g adds two roundings. Clipping to C
-    exactly (measured: 1.0000003 C) or with a norm in float64 (measured 35x slower) are the
-    alternatives. The margin is about 1e-3 for the paper's UNet: far below any effect on
-    utility, and the sensitivity stays exactly C."""
-    return (max(numels) + len(numels) + 8) * 2.0 ** -24
+
+def clip_margin(numels):
+    """The relative margin m such that clipping to C (1 - m) keeps the sensitivity of the
+    computed sum <= C, rounding included: adding or removing one example moves the float64 sum
+    of clipped gradients by at most C exactly, in batches of fewer than 2^17 examples.
+
+    numels: the sizes of the trainable parameter tensors. Norms, factors and sums are float64
+    (unit roundoff u = 2^-53), where the squares and products of float32 gradients never
+    underflow or overflow (C in CLIP_NORM_RANGE). Two roundings are covered (Higham, "Accuracy
+    and Stability of Numerical Algorithms"):
+    * the norm (Sec. 4.2): a sum of n non-negative terms is off by at most (n - 1) u of itself,
+      so a tensor's norm by about n u / 2, the norm over all tensors by len(numels) u / 2 more,
+      and the factor C' / norm adds one u: the first term below, with room;
+    * the sum (Sec. 3.1): a float64 sum of n products, in any order (chunks, BLAS, processes),
+      is within n u / (1 - n u) times the sum of their absolute values of the exact one: for n
+      contributions of norm <= C, within about n^2 u C. Neighbouring batches (n and n + 1
+      examples) then differ by at most 2 (n + 1)^2 u C more than the one contribution: under
+      2^-18 C for n + 1 <= 2^17 (every batch of MNIST's 60,000 images), and 2^-17 covers it.
+      For a batch of n >= 2^17 examples the bound is C (1 + 2 (n + 1)^2 u) instead.
+    m is about 8e-6: far below any effect on utility."""
+    return (max(numels) + len(numels) + 8) * 2.0 ** -53 + 2.0 ** -17
 
 
 def clipped_sum(model, per_example_loss, batch_tensors, clip_norm, chunk_size=32,
                 autocast=False):
-    """sum_i clip(g_i), as one flat float32 vector over the trainable parameters.
+    """sum_i clip(g_i), as one flat float64 vector over the trainable parameters.
 
-    clip(g) = g * min(1, C' / ||g||) with C' = C (1 - clip_margin): no contribution exceeds C,
-    rounding included. An example whose gradient is not finite (a NaN or inf anywhere)
-    contributes zero: its influence would otherwise be unbounded, and zero is a contribution of
-    norm <= C like any other. How many examples were clipped or dropped is never returned:
-    those counts are statistics of the sensitive batch that no mechanism privatised.
+    clip(g) = g * min(1, C' / ||g||) with C' = C (1 - clip_margin). Norms, factors and the sum are
+    float64: a gradient of any scale is clipped correctly, and the sums of two neighbouring
+    batches differ by at most C, rounding included (clip_margin says exactly when), given the
+    same gradients for the examples they share. (That an example's float32 gradient comes out
+    bit for bit the same whatever else is in its chunk is assumed, not proven: batched kernels
+    may round differently for another batch size.) An example whose gradient is not finite (a
+    NaN or inf anywhere) contributes zero: its influence would otherwise be unbounded, and zero
+    is a contribution of norm <= C like any other. How many examples were clipped or dropped is
+    never returned: those counts are statistics of the sensitive batch that no mechanism
+    privatised.
     """
     params = {n: p.detach() for n, p in _trainable_params(model).items()}
     device = next(iter(params.values())).device
     grad_fn = _per_example_grad_fn(model, per_example_loss, len(batch_tensors), autocast)
     numels = [p.numel() for p in params.values()]
     safe_clip = clip_norm * (1 - clip_margin(numels))
-    # The running sum is one flat float32 vector; each parameter's gradient is a view into it.
-    summed = torch.zeros(sum(numels), device=device)
+    # The running sum is one flat float64 vector; each parameter's gradient is a view into it.
+    # (float32 rounding of a sum of 60,000 contributions moved it by up to 1.0017 C: measured.)
+    summed = torch.zeros(sum(numels), dtype=torch.float64, device=device)
     summed_views = summed.split(numels)
     for s, e in _chunks(len(batch_tensors[0]), chunk_size):
         grads, _ = grad_fn(params, *(t[s:e] for t in batch_tensors))
         grads = [g.reshape(e - s, -1) for g in grads.values()]  # [b, numel], float32 each
-        # Flat L2 norm over all parameters from the per-tensor norms. (Concatenating the
-        # gradients into one [b, P] matrix first costs an extra pass over memory: measured slower.)
-        norms = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads]), dim=0)
+        # Flat L2 norm over all parameters from the per-tensor norms, in float64: the squares of
+        # float32 numbers neither underflow nor overflow there, whatever the gradient's scale.
+        # (Concatenating the gradients into one [b, P] matrix first costs an extra pass over
+        # memory: measured slower.)
+        norms = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g, dim=1, dtype=torch.float64) for g in grads]), dim=0)
         factors = (safe_clip / norms).clamp(max=1.0)
         factors = torch.where(norms.isfinite(), factors, 0.0)
         for view, g in zip(summed_views, grads):
             # 0 * NaN is NaN: a dropped example's entries are zeroed as well (no branch on
-            # whether any were non-finite, so the step does the same work either way).
-            view.addmv_(g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).T, factors)
+            # whether any were non-finite, so the step does the same work either way). The
+            # float64 copy holds one tensor's chunk at a time.
+            view.addmv_(g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).T.double(), factors)
         del grads  # the chunk's per-example gradients are dropped here: bounded memory
     return summed
 
@@ -175,7 +200,7 @@ def add_noise(summed, sigma, clip_norm, generator):
 
 
 def scale_grad(model, noisy_sum, expected_batch_size):
-    """Set each trainable parameter's .grad to its slice of noisy_sum / (q N).
+    """Set each trainable parameter's .grad to its slice of noisy_sum / (q N), in its dtype.
 
     The divisor is the expected batch size qN, a public constant: dividing by it is
     post-processing. The realised batch size moves by one when an example is added, so dividing
@@ -183,7 +208,7 @@ def scale_grad(model, noisy_sum, expected_batch_size):
     flat = noisy_sum / expected_batch_size
     named = _trainable_params(model)
     for p, view in zip(named.values(), flat.split([p.numel() for p in named.values()])):
-        p.grad = view.view_as(p)
+        p.grad = view.view_as(p).to(p.dtype)  # the cast of the noisy value: post-processing
 
 
 def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
@@ -198,7 +223,7 @@ def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
     chunk_size: examples per vmap pass. Memory grows with it (never with the logical batch);
     on a 2-core CPU about 128 images per pass (chunk_size * K draws) ran fastest.
     autocast: the forward pass under bfloat16 autocast (CPUs with bf16 units, GPUs); the
-    per-example gradients, norms, clipping, running sum and noise stay float32 or wider.
+    per-example gradients stay float32, and their norms, clipping, sum and noise float64.
     sum_over_processes: with several processes (torchrun), batch_tensors is this
     process's share of the batch and this function adds the shares' clipped sums (an
     all-reduce); every process must call dp_step every step, with an empty share too.
@@ -220,8 +245,10 @@ def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
 
 
 def _check_step_arguments(batch_tensors, clip_norm, sigma, expected_batch_size):
-    if not (clip_norm > 0 and sigma >= 0 and expected_batch_size > 0):
-        raise ValueError(f"clip_norm, sigma, expected_batch_size: need C > 0, sigma >= 0, qN > 0, "
+    low, high = CLIP_NORM_RANGE
+    if not (low <= clip_norm <= high and sigma >= 0 and expected_batch_size > 0):
+        raise ValueError(f"clip_norm, sigma, expected_batch_size: need C in [{low:.3g}, {high:.3g}] "
+                         f"(the normal float32 range), sigma >= 0, qN > 0, "
                          f"got {clip_norm}, {sigma}, {expected_batch_size}")
     if len({len(t) for t in batch_tensors}) != 1:
         raise ValueError(f"batch_tensors: need >= 1 tensors sharing dim 0, got shapes "

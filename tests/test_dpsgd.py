@@ -71,11 +71,14 @@ def assert_rel_close(got, want, rtol):
 
 
 def clipped_sum_by_hand(grads, clip_norm):
-    """sum_i min(1, C' / ||g_i||) g_i, C' = C (1 - margin), from per-example gradients."""
+    """sum_i min(1, C' / ||g_i||) g_i, C' = C (1 - margin), from per-example gradients: summed in
+    float64 (a float32 sum of a few cancelling terms is off by more than the tolerances below),
+    then cast to float32 like the gradients dp_step sets."""
     norms = torch.sqrt(sum(g.double().flatten(1).pow(2).sum(1) for g in grads.values()))
     margin = dpsgd.clip_margin([g[0].numel() for g in grads.values()])
-    factors = torch.clamp(clip_norm * (1 - margin) / norms, max=1.0).float()
-    return {n: torch.einsum("b,b...->...", factors, g) for n, g in grads.items()}, norms
+    factors = torch.clamp(clip_norm * (1 - margin) / norms, max=1.0)
+    return {n: torch.einsum("b,b...->...", factors, g.double()).float()
+            for n, g in grads.items()}, norms
 
 
 def grads_after_step(model, *step_args, **step_kwargs):
@@ -195,11 +198,16 @@ def test_clipped_sum_matches_hand_computation_and_norms_are_at_most_c():
     _, raw_norms = clipped_sum_by_hand(raw, 1.0)
     ordered = raw_norms.sort().values
     clip = float(ordered[2] + ordered[3]) / 2  # three examples clipped, three not
-    want, _ = clipped_sum_by_hand(raw, clip)
+    # Clipping and summing are checked on the step's own per-example gradients (the tests above
+    # check those against the loop): the loop's differ from vmap's by a few float32 ulps, which
+    # cancellation in the sum turns into up to 2.7e-7 (measured), more than a tolerance tight
+    # enough to check the clipping. Both sums are float64, cast to float32: 2 ulps apart at most.
+    want, _ = clipped_sum_by_hand(
+        dpsgd.per_sample_grads(model, classification_loss, x, y, chunk_size=4), clip)
     got = grads_after_step(model, classification_loss, (x, y), clip, 0.0, 1.0,
                            torch.Generator().manual_seed(0), chunk_size=4)
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[n], want[n], rtol=2 * 2.0 ** -23, atol=0)
     # Each example alone: its contribution has norm min(||g_i||, C), along g_i, never above C.
     for i in range(6):
         one = grads_after_step(model, classification_loss, (x[i:i + 1], y[i:i + 1]), clip,
@@ -248,6 +256,57 @@ def test_no_contribution_exceeds_c_by_rounding():
                                                  autocast=autocast)))
     assert max(norms) <= 1.0
     assert sum(n > 0.99 for n in norms) >= 40  # most were clipped: the bound was exercised
+
+
+def linear_model(d):
+    """A model whose per-example gradient is the example itself (with gradient_is_input); zero
+    weights keep the forward pass finite for any input."""
+    model = nn.Linear(d, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    return model
+
+
+def gradient_is_input(model, x):
+    return model(x)[:, 0]  # d/dw (w . x) = x, exactly
+
+
+F32 = torch.finfo(torch.float32)
+
+
+@pytest.mark.parametrize("clip", [F32.tiny, 1e-30, 1.0, 1e30, 1e38, F32.max])
+def test_gradients_of_any_scale_are_clipped_to_c_of_any_scale(clip):
+    """Every C that dp_step accepts (the normal float32 range, edges included) and gradients from
+    subnormal to 1e39: the contribution is g min(1, C / ||g||), up to the margin (about 8e-6),
+    and never above C. (With float32 norms, at C = 1e-30 a gradient of norm 10 C had squares
+    below float32's range, norm 0, and passed unclipped; one of norm 1e39 had norm inf.)"""
+    d = 4096
+    direction = torch.randn(d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    direction /= direction.norm()
+    for norm in (1e-40, clip / 10, clip * 10, 1e39):
+        g = (norm * direction).float()
+        assert g.isfinite().all()
+        want = g.double() * min(1.0, clip / float(g.double().norm()))
+        got = dpsgd.clipped_sum(linear_model(d), gradient_is_input, (g[None],), clip)
+        assert float(got.norm()) <= clip
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_neighbouring_sums_differ_by_at_most_c_among_many_identical_examples():
+    """The attack on a float32 running sum: 59,968 identical examples (each clipped to C) and one
+    crafted neighbour, first or last. Rounding the sum of 60,000 contributions moved it by up to
+    1.0017 C in float32 (these neighbours); the float64 sum is within 2 (n + 1)^2 2^-53 C = 8e-7 C
+    of exact, which the margin covers: the bound is C, with no tolerance."""
+    d, n, clip = 16, 59_968, 1.0
+    g = torch.Generator().manual_seed(1)
+    many = (torch.rand(1, d, generator=g) + 0.5).expand(n, d)  # norm > 2 C: clipped
+    step = lambda tensor: dpsgd.clipped_sum(linear_model(d), gradient_is_input, (tensor,), clip,
+                                            chunk_size=4096)
+    summed = step(many)
+    for _ in range(3):
+        neighbour = torch.randn(1, d, generator=g)
+        for at in (0, n):
+            added = step(torch.cat([many[:at], neighbour, many[at:]]))
+            assert float((added - summed).norm()) <= clip
 
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
@@ -347,7 +406,9 @@ def test_per_example_layers_are_accepted_and_frozen_parameters_untouched():
     assert model.conv1.weight.grad is None
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(clip_norm=0.0), "clip_norm"), (dict(sigma=-1.0), "sigma"),
+@pytest.mark.parametrize("kwargs, name", [(dict(clip_norm=0.0), "clip_norm"), (dict(clip_norm=1e-39), "clip_norm"),
+                                          (dict(clip_norm=1e39), "clip_norm"),
+                                          (dict(clip_norm=math.inf), "clip_norm"), (dict(sigma=-1.0), "sigma"),
                                           (dict(expected_batch_size=0.0), "expected_batch_size"),
                                           (dict(chunk_size=0), "chunk_size")])
 def test_dp_step_bad_arguments(kwargs, name):
