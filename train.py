@@ -23,7 +23,6 @@ import os
 import secrets
 import sys
 
-import numpy as np
 import torch
 
 import accountant
@@ -186,19 +185,16 @@ def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, 
     distributed.check_same_weights(model)
 
 
-SAMPLE_BATCH = 500  # images per sampler call: memory, not quality; a checkpoint after each
-
-
 def synthesize(model, cfg, ddpm, public, pieces, progress):
-    """cfg.n_samples images with uniformly random labels from the (EMA) model, SAMPLE_BATCH at
-    a time, appended to `pieces` [(uint8 images, labels)]. Post-processing of the trained
-    weights; it draws from the public generator."""
-    num_classes = data.INFO[cfg.dataset]["classes"]
+    """cfg.n_samples images with uniformly random labels from the (EMA) model, drawn by the one
+    sampling loop (samplers.sample_uniform) and appended batch by batch to `pieces`
+    [(uint8 images, labels)], with a progress call (a checkpoint, a stop) after each batch: a
+    resumed run continues the loop where it stopped. Post-processing of the trained weights;
+    it draws from the public generator."""
     done = sum(len(labels) for _, labels in pieces)
-    while done < cfg.n_samples:
-        labels = torch.randint(num_classes, (min(SAMPLE_BATCH, cfg.n_samples - done),),
-                               generator=public, device=public.device)
-        pieces.append((sample(model, labels, cfg, ddpm, public), labels.cpu()))
+    for images, labels in samplers.sample_uniform(ddpm, model, cfg.n_samples - done, public,
+                                                  **samplers.settings_of(cfg)):
+        pieces.append((images, labels))
         done += len(labels)
         progress(done)
 
@@ -226,15 +222,12 @@ def evaluate_release(images, labels, cfg, data_dir, device, weights, fid_cache, 
 STAGES = (release_central_images, warm_up, train_dpsgd, synthesize, evaluate_release)
 
 
-def sample(model, labels, cfg, ddpm, public):
-    return samplers.sample(ddpm, model, labels, public, steps=cfg.sample_steps or None,
-                           guidance=cfg.guidance, autocast=cfg.autocast, solver=cfg.solver)
-
-
 def save_sample_grid(model, cfg, ddpm, public, path):
     """Ten samples per class, one row per class."""
     labels = torch.arange(data.INFO[cfg.dataset]["classes"], device=public.device)
-    data.save_grid(sample(model, labels.repeat_interleave(10), cfg, ddpm, public), path, nrow=10)
+    images = samplers.sample(ddpm, model, labels.repeat_interleave(10), public,
+                             **samplers.settings_of(cfg))
+    data.save_grid(images, path, nrow=10)
 
 
 # ------------------------------------------------------------------------------ one run
@@ -318,10 +311,8 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
     if run.stage <= STAGES.index(synthesize):
         synthesize(run.ema.model, cfg, run.ddpm, run.public, run.pieces,
                    progress(synthesize, cfg.n_samples))
-        images = torch.cat([p[0] for p in run.pieces]).permute(0, 2, 3, 1).numpy()
-        labels = torch.cat([p[1] for p in run.pieces]).numpy()
-        runs.atomic_write(run.path("samples.npz"), lambda f: np.savez_compressed(
-            f, images=images[..., 0] if images.shape[-1] == 1 else images, labels=labels))
+        evaluate.save_samples(run.path("samples.npz"), torch.cat([p[0] for p in run.pieces]),
+                              torch.cat([p[1] for p in run.pieces]))
         save_sample_grid(run.ema.model, cfg, run.ddpm, run.public, run.path("samples.png"))
         data.save_side_by_side([("central images", run.path("central_images.png")),
                                 ("after the warm-up", run.path("warmup_samples.png")),
@@ -334,8 +325,7 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
             if stop.requested:
                 raise runs.StopRequested()
 
-        with np.load(run.path("samples.npz")) as samples:
-            images, labels = samples["images"], samples["labels"]
+        images, labels = evaluate.load_samples(run.path("samples.npz"), cfg.dataset)
         # The real side's FID statistics describe sensitive images: kept in the private run
         # folder, next to the checkpoint.
         fid_cache = lambda n: run.path(f"fid_stats_train_{n}.npz")  # noqa: E731

@@ -28,7 +28,7 @@ import randomness
 import runs
 import settings
 import train
-from test_train import StopAfter
+from conftest import StopAfter
 
 WORLD = 2
 
@@ -240,7 +240,7 @@ def small_run_flags(mnist_dir, out):
 
 
 def stop_at(n, monkeypatch=None):
-    """Ctrl-C after n reads of the stop flag (test_train.StopAfter); the loops read it once per
+    """Ctrl-C after n reads of the stop flag (conftest.StopAfter); the loops read it once per
     step (here 1 warm-up step, then 5 DP-SGD steps) and once per sample batch."""
     if monkeypatch:
         monkeypatch.setattr(runs, "install_ctrl_c", lambda: StopAfter(n))

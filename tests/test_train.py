@@ -22,29 +22,19 @@ from PIL import Image
 
 import data
 import diffusion
+import evaluate
 import inception
 import randomness
 import runs
 import sample
+import samplers
 import settings
 import train
+from conftest import StopAfter
 
 TINY = settings.TINY  # what tiny_args runs: the numbers below are read from it
 
 WEIGHTS = os.path.join(torch.hub.get_dir(), "checkpoints", inception.FID_WEIGHTS_FILE)
-
-
-class StopAfter:
-    """Stands in for Ctrl-C: `requested` is False for n reads, then True (the loops read it
-    once per step, per sampler call and per evaluation progress call)."""
-
-    def __init__(self, n):
-        self.reads_left = n
-
-    @property
-    def requested(self):
-        self.reads_left -= 1
-        return self.reads_left < 0
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -92,7 +82,7 @@ def one_line_error(capsys, *words):
 
 # ------------------------------------------------------------------------- whole runs
 FID = [] if os.path.exists(WEIGHTS) else ["--fid-n", "0"]  # FID needs the real weights
-SAMPLE_BATCH = 40  # TINY's 100 samples in three sampler calls (40, 40, 20): stops between them
+SAMPLE_BATCH = 40  # TINY's 100 samples in three batches (40, 40, 20): stops between them
 # The whole run and its resumed pieces skip FID (seconds of Inception at every start); the
 # stopped run below measures it when it is finished (test_resume_accepts_...).
 NO_FID = ["--fid-n", "0"]
@@ -105,7 +95,7 @@ def finished_run(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
-        patch.setattr(train, "SAMPLE_BATCH", SAMPLE_BATCH)
+        patch.setattr(samplers, "CPU_BATCH", SAMPLE_BATCH)
         assert train.main(tiny_args(mnist_dir, out, *NO_FID)) == 0
     return out, printed.getvalue()
 
@@ -139,6 +129,11 @@ def test_every_stage_end_to_end(finished_run):
     samples = np.load(out / "samples.npz")
     assert samples["images"].dtype == np.uint8
     assert samples["images"].shape == (TINY.n_samples, 28, 28)
+    # The samples file holds the synthesized batches (the checkpoint's), in evaluate.py's layout.
+    pieces = runs.load_checkpoint(out)["samples"]
+    images, labels = evaluate.load_samples(str(out / "samples.npz"), "mnist")
+    assert torch.equal(images, torch.cat([p[0] for p in pieces]))
+    assert torch.equal(labels, torch.cat([p[1] for p in pieces]))
     assert 0.0 <= report["metrics"]["accuracy"]["test_accuracy"] <= 1.0
     # Each stage's time is its own (the last checkpoint follows the evaluation at once).
     timings = report["timings_s"]
@@ -182,7 +177,7 @@ def test_no_dpsgd_releases_the_warmed_up_model_at_the_central_images_own_epsilon
 def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(finished_run, mnist_dir,
                                                                   tmp_path, monkeypatch):
     whole, pieces = finished_run[0], tmp_path / "pieces"
-    monkeypatch.setattr(train, "SAMPLE_BATCH", SAMPLE_BATCH)
+    monkeypatch.setattr(samplers, "CPU_BATCH", SAMPLE_BATCH)
     # The loops read the stop flag once per warm-up step, DP-SGD step and sampler call (and
     # per evaluation progress call); StopAfter(n) lets n reads pass, and each piece counts
     # from zero. Stop at warm-up step 8, DP-SGD step 11, the second sampler call and the
@@ -441,51 +436,18 @@ def test_only_the_two_mechanisms_read_the_sensitive_set():
 
 
 # ------------------------------------------------------------------------- sample.py
-# More images from a finished run: sampling is post-processing, so it must only read the run.
+# sample.py on a real run's checkpoint (its own tests, on run folders built in a second, are in
+# test_sample.py).
 
-def run_sample(argv, capsys):
-    try:
-        code = sample.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    return code, capsys.readouterr()
-
-
-def test_draws_any_number_of_images_and_leaves_the_run_untouched(finished_run, tmp_path, capsys):
+def test_sample_py_reads_a_real_run_and_leaves_it_untouched(finished_run, tmp_path, capsys):
     out, _ = finished_run
     digest = folder_digest(out)
-    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
-    for path in (first, second):
-        code, printed = run_sample([out, "--n", 30, "--out", path, "--seed", 1], capsys)
-        assert code == 0 and "no privacy spent" in printed.out
-    a, b = np.load(first), np.load(second)
-    assert a["images"].shape == (30, 1, 28, 28) and a["images"].dtype == np.uint8
-    assert a["labels"].shape == (30,) and 0 <= a["labels"].min() <= a["labels"].max() < 10
-    assert np.array_equal(a["images"], b["images"])  # a seed fixes the draw
-    code, _ = run_sample([out, "--n", 30, "--out", tmp_path / "c.npz"], capsys)
-    assert code == 0 and not np.array_equal(np.load(tmp_path / "c.npz")["images"], a["images"])
+    more = tmp_path / "more.npz"
+    assert sample.main([str(out), "--n", "30", "--out", str(more), "--seed", "1"]) == 0
+    assert "no privacy spent" in capsys.readouterr().out
+    images, labels = evaluate.load_samples(str(more), "mnist")  # what evaluate.py reads
+    assert images.shape == (30, 1, 28, 28) and labels.shape == (30,)
     assert folder_digest(out) == digest  # the run folder is only read
-
-
-@pytest.mark.parametrize("case", ["exists", "unfinished", "bad n", "no run", "bad solver"])
-def test_bad_input_is_one_line_and_nothing_is_written(case, finished_run, stopped_in_dpsgd,
-                                                      tmp_path, capsys):
-    out, _ = finished_run
-    target = tmp_path / "out.npz"
-    argv = {"exists": [out, "--n", 5, "--out", target],
-            "unfinished": [stopped_in_dpsgd, "--n", 5, "--out", target],
-            "bad n": [out, "--n", 0, "--out", target],
-            "no run": [tmp_path / "nowhere", "--n", 5, "--out", target],
-            "bad solver": [out, "--n", 5, "--out", target, "--solver", "euler"]}[case]
-    if case == "exists":
-        target.write_bytes(b"keep me")
-    code, printed = run_sample(argv, capsys)
-    assert code == 2
-    err = printed.err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    if case == "unfinished":
-        assert "not finished training" in err and "--resume" in err
-    assert (target.read_bytes() == b"keep me") if case == "exists" else not target.exists()
 
 
 def test_the_dpsgd_chunk_is_halved_until_a_pass_fits_without_touching_the_model(monkeypatch):
