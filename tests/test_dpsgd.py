@@ -353,6 +353,40 @@ def test_noise_has_std_sigma_c_over_expected_size_and_is_seeded():
     assert not any(torch.equal(other[n], noise[n]) for n in noise)
 
 
+def test_noise_is_box_muller_from_53_bit_uniforms_in_float64():
+    """add_noise's docstring says what torch's CPU float64 normal is (Box-Muller on 16-value
+    blocks of uniforms u = k / 2^53, pairs (j, j + 8): torch's normal_fill), and that the noisy
+    sum is formed in float64. Recomputed here from the same generator's uniforms; if torch ever
+    changes its normal, this fails and the docstring must be revisited. float32 noise (24-bit
+    uniforms, |z| <= 5.77) would be on the float32 grid: not one value of 4096 here is."""
+    n, seed = 4096, 3
+    u = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    assert bool(((u * 2.0 ** 53) % 1 == 0).all())              # the 53-bit grid
+    u = u.view(-1, 2, 8)
+    radius, angle = torch.sqrt(-2 * torch.log(1 - u[:, 0])), 2 * math.pi * u[:, 1]
+    z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], 1).flatten()
+    summed = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    noisy = dpsgd.add_noise(summed, 2.0, 0.25, torch.Generator().manual_seed(seed))
+    assert noisy.dtype == torch.float64
+    torch.testing.assert_close(noisy, summed + 0.5 * z, rtol=0, atol=1e-14)
+    noise = dpsgd.add_noise(torch.zeros(n, dtype=torch.float64), 1.0, 1.0,
+                            torch.Generator().manual_seed(seed))
+    assert not bool((noise.float().double() == noise).any())
+
+
+def test_the_update_is_the_float64_noisy_sum_cast_once():
+    """Three unclipped examples whose gradients are themselves: the gradient set is
+    float32((sum + sigma C z) / qN), z the float64 normal, added before any rounding to float32."""
+    d, sigma, clip, expected = 1000, 1.5, 1e3, 4.0
+    x = torch.randn(3, d, generator=torch.Generator().manual_seed(0))
+    model = linear_model(d)
+    got = grads_after_step(model, gradient_is_input, (x,), clip, sigma, expected,
+                           torch.Generator().manual_seed(5))["weight"]
+    z = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    want = ((x.double().sum(0) + sigma * clip * z) / expected).float()
+    torch.testing.assert_close(got, want.view_as(got), rtol=2.0 ** -23, atol=0)
+
+
 def test_empty_batch_takes_a_noise_only_step():
     model = make_net()
     before = [p.detach().clone() for p in model.parameters()]
