@@ -38,11 +38,13 @@ import randomness
 def downsample(images):
     """[N,C,H,W] uint8 or float -> float64 [N,C,H//2,W//2] in [0,1], nearest neighbour.
 
-    Float inputs are clamped (not checked) so that the sensitivity bound sqrt(d') holds for ANY
-    input, without a data-dependent error message. float64 keeps sums of thousands exact enough."""
+    Float inputs are mapped into [0, 1] (not checked): NaN counts as 0 (clamping keeps a NaN,
+    which would make its class's whole release NaN) and everything else is clamped, so the
+    sensitivity bound sqrt(d') holds for ANY input, without a data-dependent error message.
+    float64 keeps sums of thousands exact enough."""
     h, w = images.shape[-2] // 2, images.shape[-1] // 2
     small = F.interpolate(images.float(), size=(h, w), mode="nearest").double()
-    return small / 255.0 if images.dtype == torch.uint8 else small.clamp(0.0, 1.0)
+    return small / 255.0 if images.dtype == torch.uint8 else small.nan_to_num(0.0).clamp(0.0, 1.0)
 
 
 def poisson_class_sums(images, labels, num_classes, q, generator):
@@ -98,7 +100,8 @@ def central_images(images, labels, num_classes, q=0.1, sigma=5.0, queries=5, gen
                    postprocess=True):
     """DP-FETA's central images: T = `queries` Gaussian-mechanism releases of noisy class means.
 
-    images: the sensitive set, uint8 [N,C,H,W] (or float in [0,1]); labels: int64 [N] in 0..K-1.
+    images: the sensitive set, uint8 [N,C,H,W] (or float in [0,1]: other values are clamped,
+    NaN counts as 0); labels: int64 [N] in 0..K-1.
     generator: the secret generator (randomness.secret_generator) for the samples and noise.
     Returns (central float32 [T*K,C,H,W] in [0,1], central_labels int64 [T*K],
     mechanism (q', sigma, T) for the accountant, q' = randomness.sampling_rate(q), the exact

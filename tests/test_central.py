@@ -104,6 +104,23 @@ def test_sensitivity_of_all_class_sums_is_sqrt_d(channels, size):
     assert diff.norm() <= math.sqrt(d_prime) * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_pixel_keeps_the_bound_and_the_release_finite(bad):
+    """A direct caller's float images may hold anything: one image with a NaN or inf pixel moves
+    the class sums by at most sqrt(d') like any other, and the release stays finite. (Clamping
+    alone kept the NaN: its class's sums, and its whole released image, were NaN.)"""
+    images, labels = fake_data(n=200)
+    floats = images.float() / 255
+    poisoned = floats[:1].clone()
+    poisoned[0, 0, 4, 6] = bad                           # an even row and column: downsampled
+    with_it, its_labels = torch.cat([floats, poisoned]), torch.cat([labels, labels[:1]])
+    sums = lambda imgs, labs: central.poisson_class_sums(imgs, labs, 10, 1.0, gen())
+    assert (sums(with_it, its_labels) - sums(floats, labels)).norm() <= 14 * (1 + 1e-12)  # sqrt(d')
+    out, _, _ = central.central_images(with_it, its_labels, 10, q=1.0, sigma=1.0, queries=1,
+                                       generator=gen())
+    assert out.isfinite().all()
+
+
 def test_noise_has_std_sigma_sqrt_d():
     # q = 1 makes the sample deterministic, so noise = noisy sums - clean sums exactly.
     images, labels = fake_data(n=200, channels=3, size=32, classes=10)
