@@ -66,7 +66,9 @@ def noisy_class_means(images, labels, num_classes, q, sigma, generator):
     q*N/K, a public number. Dividing by the realised count would make the divisor depend on the
     data; the output would then no longer be the Gaussian mechanism the accountant analyses
     (a pitfall of published code). N (the dataset size) is treated as public, as for DP-SGD's
-    rate q."""
+    rate q. The noise is drawn and added in float64, as in DP-SGD (dpsgd.add_noise says why:
+    torch's float32 normal is Box-Muller on 24-bit uniforms; Mironov 2012); the float32 cast
+    comes later, after the clamp, as post-processing."""
     sums = poisson_class_sums(images, labels, num_classes, q, generator)
     d_prime = sums[0].numel()
     noise = torch.randn(sums.shape, generator=generator, dtype=torch.float64, device=generator.device)
