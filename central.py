@@ -19,7 +19,8 @@ its only caller is `noisy_class_means`, which adds the noise before anything els
 `central_images` only sees noisy means. The tests check this behaviourally as well.
 
 `augment` is the RandAugment-style warm-up augmentation of the official code: 2 random ops per
-image, magnitude drawn from 1..M (3 for grayscale, 9 for colour), re-drawn on every call. It only ever touches released images.
+image, magnitude drawn from 1..M (3 for grayscale, 9 for colour), re-drawn on every call. It
+only ever touches released images.
 """
 import argparse
 import math
@@ -208,12 +209,16 @@ def _photometric(x, op, level):
     return torch.where(per_image(_op_mask(op, "autocontrast")), stretched, x_out)
 
 
-def augment(images, generator, num_ops=2, max_magnitude=3):
+def augment(images, generator, num_ops=2, max_magnitude=None):
     """RandAugment-style augmentation: `num_ops` random ops per image, magnitudes from 1..M.
 
     images: uint8 or float [B,C,H,W] in [0,1]. Returns float [B,C,H,W] in [0,1]; labels are
-    untouched (pass them through). Every call draws new ops, so each warm-up step sees fresh
-    variants of the few central images; the same generator state gives the same output."""
+    untouched (pass them through). max_magnitude M: None takes the official code's, 3 for
+    grayscale and 9 for colour (this is its one home). Every call draws new ops, so each warm-up
+    step sees fresh variants of the few central images; the same generator state gives the same
+    output."""
+    if max_magnitude is None:
+        max_magnitude = 3 if images.shape[1] == 1 else 9
     if num_ops < 0 or max_magnitude < 1:
         raise ValueError("num_ops/max_magnitude: need num_ops >= 0 and max_magnitude >= 1")
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float().clamp(0.0, 1.0)
@@ -231,7 +236,7 @@ def augment(images, generator, num_ops=2, max_magnitude=3):
 # Pictures
 # ---------------------------------------------------------------------------------------------
 
-def save_pictures(central, central_labels, num_classes, out_dir, generator, max_magnitude=3):
+def save_pictures(central, central_labels, num_classes, out_dir, generator):
     """PNG grids: central.png (one row per class, one column per query) and augmented.png
     (each row: one central image of each class, freshly augmented)."""
     import os
@@ -241,7 +246,7 @@ def save_pictures(central, central_labels, num_classes, out_dir, generator, max_
     by_class = central.view(queries, num_classes, *central.shape[1:]).transpose(0, 1)
     save_grid(by_class.reshape(central.shape), os.path.join(out_dir, "central.png"), nrow=queries)
     first = central[:num_classes].repeat(8, 1, 1, 1)   # 8 draws of each class's first image
-    augmented = augment(first, generator, max_magnitude=max_magnitude)
+    augmented = augment(first, generator)
     save_grid(augmented, os.path.join(out_dir, "augmented.png"), nrow=num_classes)
 
 
@@ -270,8 +275,7 @@ def main(argv=None):
         # The augmentation shown in the picture draws from its own generator: its draws are
         # visible, and must reveal nothing about the secret generator's state.
         public = torch.Generator().manual_seed(0)
-        magnitude = 3 if info["channels"] == 1 else 9
-        save_pictures(central, central_labels, info["classes"], args.out, public, magnitude)
+        save_pictures(central, central_labels, info["classes"], args.out, public)
     except (ValueError, data.DataError) as error:
         print("error: %s" % error, file=sys.stderr)
         raise SystemExit(2)

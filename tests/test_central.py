@@ -245,6 +245,14 @@ def test_augment_shape_range_and_determinism():
     torch.testing.assert_close(central.augment(images, gen(4), num_ops=0), images.float() / 255)
 
 
+@pytest.mark.parametrize("channels, magnitude", [(1, 3), (3, 9)])
+def test_augment_takes_the_official_magnitude_from_the_channels(channels, magnitude):
+    images, _ = fake_data(n=64, channels=channels, size=16)
+    default = central.augment(images, gen(5))
+    assert torch.equal(default, central.augment(images, gen(5), max_magnitude=magnitude))
+    assert not torch.equal(default, central.augment(images, gen(5), max_magnitude=6))
+
+
 def test_augment_changes_most_images_and_keeps_them_in_place():
     images, _ = fake_data(n=128)
     a = central.augment(images, gen(6))
