@@ -55,9 +55,15 @@ def test_default_secret_generators_differ_and_their_output_is_uniform():
     assert abs(float(u1.var()) - 1 / 12) < 5 / math.sqrt(180 * len(u1))
 
 
-def test_a_given_seed_is_reproducible():
-    a, b = randomness.secret_generator(7), randomness.secret_generator(7)
-    assert torch.equal(torch.randn(10, generator=a), torch.randn(10, generator=b))
+@pytest.mark.parametrize("seed", [0, 7])
+def test_a_given_seed_gives_manual_seeds_stream_and_no_seed_another(seed):
+    """The documented test-only path, seed 0 included (an `if seed:` would quietly make seed 0
+    secret, and the run irreproducible); and no seed must not end in a fixed seed's stream (a
+    state that failed to take the OS entropy would be manual_seed(0)'s)."""
+    draw = lambda generator: torch.rand(100, dtype=torch.float64, generator=generator)
+    seeded = draw(randomness.secret_generator(seed))
+    assert torch.equal(seeded, draw(torch.Generator().manual_seed(seed)))
+    assert not torch.equal(draw(randomness.secret_generator()), seeded)
 
 
 @pytest.mark.parametrize("q", [1e-9, 1 / 15, 0.1, 1024 / 60000, 0.5, 1.0])
