@@ -136,8 +136,8 @@ def clip_margin(numels):
       so a tensor's norm by about n u / 2, the norm over all tensors by len(numels) u / 2 more,
       and the factor C' / norm adds one u: the first term below, with room;
     * the sum (Sec. 3.1): a float64 sum of n products, in any order (chunks, BLAS, processes),
-      is within n u / (1 - n u) times the sum of their absolute values of the exact one: for n
-      contributions of norm <= C, within about n^2 u C. Neighbouring batches (n and n + 1
+      is off by at most n u / (1 - n u) times the sum of their absolute values: for n
+      contributions of norm <= C, by about n^2 u C in L2. Neighbouring batches (n and n + 1
       examples) then differ by at most 2 (n + 1)^2 u C more than the one contribution: under
       2^-18 C for n + 1 <= 2^17 (every batch of MNIST's 60,000 images), and 2^-17 covers it.
       For a batch of n >= 2^17 examples the bound is C (1 + 2 (n + 1)^2 u) instead.
@@ -257,8 +257,8 @@ def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
 def _check_step_arguments(batch_tensors, clip_norm, sigma, expected_batch_size):
     low, high = CLIP_NORM_RANGE
     if not (low <= clip_norm <= high and sigma >= 0 and expected_batch_size > 0):
-        raise ValueError(f"clip_norm, sigma, expected_batch_size: need C in [{low:.3g}, {high:.3g}] "
-                         f"(the normal float32 range), sigma >= 0, qN > 0, "
+        raise ValueError(f"clip_norm, sigma, expected_batch_size: need C in [{low:.3g}, "
+                         f"{high:.3g}] (the normal float32 range), sigma >= 0, qN > 0, "
                          f"got {clip_norm}, {sigma}, {expected_batch_size}")
     if len({len(t) for t in batch_tensors}) != 1:
         raise ValueError(f"batch_tensors: need >= 1 tensors sharing dim 0, got shapes "

@@ -440,9 +440,12 @@ def test_per_example_layers_are_accepted_and_frozen_parameters_untouched():
     assert model.conv1.weight.grad is None
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(clip_norm=0.0), "clip_norm"), (dict(clip_norm=1e-39), "clip_norm"),
+@pytest.mark.parametrize("kwargs, name", [(dict(clip_norm=0.0), "clip_norm"),
+                                          # outside the normal float32 range (CLIP_NORM_RANGE)
+                                          (dict(clip_norm=1e-39), "clip_norm"),
                                           (dict(clip_norm=1e39), "clip_norm"),
-                                          (dict(clip_norm=math.inf), "clip_norm"), (dict(sigma=-1.0), "sigma"),
+                                          (dict(clip_norm=math.inf), "clip_norm"),
+                                          (dict(sigma=-1.0), "sigma"),
                                           (dict(expected_batch_size=0.0), "expected_batch_size"),
                                           (dict(chunk_size=0), "chunk_size")])
 def test_dp_step_bad_arguments(kwargs, name):
