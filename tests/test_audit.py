@@ -11,9 +11,12 @@ import math
 import numpy as np
 import pytest
 import scipy.special
+import scipy.stats
+import torch
 
 import accountant
 import audit
+import audit_trials
 import central
 import dpsgd
 import randomness
@@ -167,7 +170,9 @@ def test_central_audit_catches_noise_calibrated_per_pixel(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ command line
-@pytest.mark.parametrize("argv", [["--canaries", "5"], ["--delta", "0"], ["--canaries", "many"]])
+@pytest.mark.parametrize("argv", [["--canaries", "5"], ["--delta", "0"], ["--canaries", "many"],
+                                  ["--variant", "dpsgd:as-it-is"], ["--trials", "--variant", "x"],
+                                  ["--trials", "--scale", "0"]])
 def test_bad_arguments_fail_in_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         audit.main(argv)
@@ -193,3 +198,188 @@ def test_table_rows_and_claims(monkeypatch, capsys):
         sigma = float(honest[3])
         assert abs(float(honest[4]) - claimed_eps(1.0, sigma, 1)) < 0.02  # sigma printed rounded
         assert float(honest[4]) <= 4.0 and bug[4] == honest[4] and float(bug[3]) == 0.0
+
+
+# =================================================================================================
+# The many-trial audit (audit_trials.py): each bug is written here by hand as a small change of
+# one production function, never read off audit_trials' own table of bugs.
+# =================================================================================================
+# ------------------------------------------------------------------------------ the statistics
+def test_clopper_pearson_by_hand():
+    # 0 of n: the upper bound u solves (1 - u)^n = alpha; n of n: the lower bound l, l^n = alpha
+    lower, upper = audit_trials.clopper_pearson([0, 50], 50, 0.05)
+    assert lower[0] == 0.0 and upper[0] == pytest.approx(1 - 0.05 ** (1 / 50), rel=1e-12)
+    assert upper[1] == 1.0 and lower[1] == pytest.approx(0.05 ** (1 / 50), rel=1e-12)
+    # in between, by definition: P[Bin(n, u) <= k] = alpha = P[Bin(n, l) >= k]
+    lower, upper = audit_trials.clopper_pearson(7, 50, 0.05)
+    assert scipy.stats.binom.cdf(7, 50, upper) == pytest.approx(0.05, rel=1e-9)
+    assert scipy.stats.binom.sf(6, 50, lower) == pytest.approx(0.05, rel=1e-9)
+
+
+def test_log_likelihood_ratio_by_hand():
+    # in: (1 - q) N(0, s^2) + q N(1, s^2), out: N(0, s^2); the ratio of densities is
+    # 1 - q + q exp((2y - 1) / (2 s^2)): 1 at y = 1/2, 1 - q far below.
+    y = torch.tensor([-1e3, 0.5, 3.0], dtype=torch.float64)
+    got = audit_trials.log_likelihood_ratio(y, 0.25, 2.0)
+    want = [math.log(0.75), 0.0, math.log(0.75 + 0.25 * math.exp(2.5 / 4))]
+    assert got.tolist() == pytest.approx(want, rel=1e-12, abs=1e-12)
+    # q = 1, the Gaussian mechanism: (y - 1/2) / s^2
+    got = audit_trials.log_likelihood_ratio(y, 1.0, 2.0)
+    assert got.tolist() == pytest.approx([(v - 0.5) / 4 for v in y.tolist()], rel=1e-12)
+
+
+def randomized_response_trials(n, eps, rng):
+    """n trials of randomized response about the coin: exactly eps-DP, and every event's
+    probability ratio is e^eps or 1, so threshold tests are tight for it."""
+    scores, included = randomized_response(n, eps, rng)
+    return {"reported": scores}, included
+
+
+def test_threshold_audit_of_randomized_response_is_valid():
+    # eps-DP: the 95 % lower bound may exceed eps in at most 5 % of the audits.
+    rng = np.random.default_rng(0)
+    bounds = [audit_trials.threshold_audit(*randomized_response_trials(4000, 1.0, rng), DELTA)
+              for _ in range(100)]
+    assert sum(bound.eps_lower > 1.0 for bound in bounds) <= 10  # P[> 10 | rate <= 5 %] < 1.2 %
+
+
+def test_threshold_audit_of_randomized_response_is_nearly_tight():
+    # 3e5 measured trials, 1.5e5 per group: "reported in" has rate 0.731 in, 0.269 out (ratio e).
+    # One-sided 98.75 % bounds are 2.24 sd off: 0.35 % and 0.96 % relative, so eps >= ~0.987.
+    bound = audit_trials.threshold_audit(
+        *randomized_response_trials(400_000, 1.0, np.random.default_rng(1)), DELTA)
+    assert 0.97 < bound.eps_lower <= 1.0
+
+
+def test_threshold_audit_measures_on_trials_it_did_not_choose_with():
+    # The first quarter chooses the event R, the other three quarters measure it: scores that
+    # are perfect in the first quarter and pure noise after it prove nothing.
+    rng = np.random.default_rng(2)
+    included = rng.random(40_000) < 0.5
+    scores = np.where(np.arange(40_000) < 10_000, included, rng.random(40_000))
+    assert audit_trials.threshold_audit({"score": scores}, included, DELTA).eps_lower == 0.0
+
+
+# --------------------------------------------------------------------------- DP-SGD, many trials
+Q_T, SIGMA_T, STEPS_T = 0.25, 2.0, 1  # one step at q = 0.25; sigma = 2.0 claims eps <= 1 (1.996)
+step = dpsgd.dp_step  # the bugs below call it with one argument changed (keywords only)
+
+
+def test_trials_dpsgd_as_it_is_stays_below_its_claim_and_near_it():
+    # A valid 95 % bound: below the claim. With 6e6 trials it reaches 0.63 of it (README).
+    claimed = claimed_eps(Q_T, SIGMA_T, STEPS_T)
+    bound = audit_trials.audit_dpsgd(Q_T, SIGMA_T, STEPS_T, DELTA, randomness.secret_generator(0))
+    assert claimed <= 1.0 and 0.5 < bound.eps_lower < claimed
+
+
+DPSGD_BUGS = {  # name: (what runs instead, canaries, probes), the numbers of trials it needs
+    "noise x0.5": (audit_trials.Variant(step=lambda sigma, **rest: step(sigma=sigma / 2, **rest)),
+                   600_000, 100),
+    "noise x0.25": (audit_trials.Variant(step=lambda sigma, **rest: step(sigma=sigma / 4, **rest)),
+                    50_000, 100),
+    "no noise": (audit_trials.Variant(step=lambda sigma, **rest: step(sigma=0.0, **rest)),
+                 5000, 100),
+    # clipping at 1.5 C, the noise still sigma C: as if sigma / 1.5 at a clip of 1.5 C
+    "clip 1.5 C": (audit_trials.Variant(step=lambda clip_norm, sigma, **rest: step(
+        clip_norm=1.5 * clip_norm, sigma=sigma / 1.5, **rest)), 6_000_000, 100),
+    # clipping at 10 C: the canaries' gradients (10 C) pass whole
+    "no clipping": (audit_trials.Variant(step=lambda clip_norm, sigma, **rest: step(
+        clip_norm=10 * clip_norm, sigma=sigma / 10, **rest)), 5000, 100),
+    "sampling 3q": (audit_trials.Variant(
+        sample=lambda n, q, generator: randomness.poisson_sample(n, 3 * q, generator)),
+        6_000_000, 100),
+    "sampling q = 1": (audit_trials.Variant(
+        sample=lambda n, q, generator: randomness.poisson_sample(n, 1.0, generator)),
+        2_000_000, 100),
+    "realised batch size": (audit_trials.Variant(
+        step=lambda batch_tensors, expected_batch_size, **rest: step(
+            batch_tensors=batch_tensors, expected_batch_size=max(len(batch_tensors[0]), 1),
+            **rest)), 1000, 4000),
+}
+
+
+@pytest.mark.parametrize("name", DPSGD_BUGS)
+def test_trials_dpsgd_catches_each_bug(name):
+    variant, canaries, probes = DPSGD_BUGS[name]
+    bound = audit_trials.audit_dpsgd(Q_T, SIGMA_T, STEPS_T, DELTA, randomness.secret_generator(0),
+                                     variant, canaries, probes)
+    assert bound.eps_lower > claimed_eps(Q_T, SIGMA_T, STEPS_T) + 0.1
+
+
+# ------------------------------------------------------------------- central images, many trials
+Q_CT, SIGMA_CT, QUERIES_T = 0.1, 1.71, 5  # the project's q and T; sigma 1.71 claims eps <= 1
+means = central.noisy_class_means
+
+
+def test_trials_central_as_it_is_stays_below_its_claim_and_near_it():
+    claimed = claimed_eps(Q_CT, SIGMA_CT, QUERIES_T)
+    bound = audit_trials.audit_central(Q_CT, SIGMA_CT, QUERIES_T, DELTA,
+                                       randomness.secret_generator(0))
+    assert claimed <= 1.0 and 0.35 < bound.eps_lower < claimed
+
+
+def noisy_class_means_over_realised_count(images, labels, num_classes, q, sigma, generator):
+    """noisy_class_means, then rescaled from the expected count q N / K to each class's realised
+    count (at least 1). The realised counts come from replaying the generator: the Poisson mask
+    is noisy_class_means' first draw."""
+    replay = torch.Generator().set_state(generator.get_state())
+    mask = randomness.poisson_sample(len(images), q, replay)
+    counts = torch.bincount(labels[mask], minlength=num_classes).clamp(min=1).view(-1, 1, 1, 1)
+    expected_count = q * len(images) / num_classes
+    return means(images, labels, num_classes, q, sigma, generator) * expected_count / counts
+
+
+CENTRAL_BUGS = {  # name: (what runs instead, canaries, probes)
+    "noise x0.5": (audit_trials.Variant(release=lambda x, y, k, q, sigma, g: means(
+        x, y, k, q, sigma / 2, g)), 300_000, 100),
+    "no noise": (audit_trials.Variant(release=lambda x, y, k, q, sigma, g: means(
+        x, y, k, q, 0.0, g)), 4000, 100),
+    # noise std sigma per pixel instead of sigma sqrt(d'): on the audit's 8x8 canaries d' = 16
+    "noise per pixel": (audit_trials.Variant(release=lambda x, y, k, q, sigma, g: means(
+        x, y, k, q, sigma / math.sqrt(x[0].numel() / 4), g)), 50_000, 100),
+    "sampling 3q": (audit_trials.Variant(release=lambda x, y, k, q, sigma, g: means(
+        x, y, k, 3 * q, sigma, g)), 1_000_000, 100),
+    "sampling q = 1": (audit_trials.Variant(release=lambda x, y, k, q, sigma, g: means(
+        x, y, k, 1.0, sigma, g)), 50_000, 100),
+    "realised class count": (audit_trials.Variant(release=noisy_class_means_over_realised_count),
+                             2000, 10_000),
+}
+
+
+@pytest.mark.parametrize("name", CENTRAL_BUGS)
+def test_trials_central_catches_each_bug(name):
+    variant, canaries, probes = CENTRAL_BUGS[name]
+    bound = audit_trials.audit_central(Q_CT, SIGMA_CT, QUERIES_T, DELTA,
+                                       randomness.secret_generator(0), variant, canaries, probes)
+    assert bound.eps_lower > claimed_eps(Q_CT, SIGMA_CT, QUERIES_T) + 0.1
+
+
+def test_realised_count_replay_divides_by_the_realised_count():
+    # The bug above, checked without noise: 3 white images in class 0, one in class 1, q = 1/2.
+    images = torch.full((4, 1, 2, 2), 255, dtype=torch.uint8)
+    labels = torch.tensor([0, 0, 0, 1])
+    generator = randomness.secret_generator(3)
+    replay = torch.Generator().set_state(generator.get_state())
+    mask = randomness.poisson_sample(4, 0.5, replay)
+    got = noisy_class_means_over_realised_count(images, labels, 2, 0.5, 0.0, generator)
+    # each sampled class's mean of white pixels is exactly 1; an empty class's sum is 0
+    want = [1.0 if mask[labels == k].any() else 0.0 for k in range(2)]
+    assert got.flatten(1).mean(1).tolist() == pytest.approx(want, rel=1e-12)
+
+
+def test_trials_table_rows_and_claims(capsys):
+    # Two rows of `audit.py --trials`, at a tiny scale: the claim is calibrated to eps = 1, and
+    # "eps of what runs" is the accountant's for the bug (here sigma / 2), or inf.
+    argv = ["--trials", "--variant", "dpsgd:noise-x0.5",
+            "--variant", "central:realised-class-count", "--scale", "0.002", "--seed", "0"]
+    assert audit.main(argv) == 0
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header, dpsgd_row, central_row = rows
+    assert header[:5] == ["mechanism", "variant", "sigma", "eps of what runs", "audit: eps >="]
+    assert dpsgd_row[:2] == ["DP-SGD", "noise-x0.5"]
+    assert central_row[:2] == ["central images", "realised-class-count"]
+    sigma = accountant.calibrate_sigma(1.0, DELTA, randomness.sampling_rate(0.25), 1)
+    assert float(dpsgd_row[2]) == pytest.approx(sigma, abs=5e-4)
+    assert float(dpsgd_row[3]) == pytest.approx(claimed_eps(0.25, sigma / 2, 1), abs=0.005)
+    assert central_row[3] == "inf" and float(central_row[4]) >= 0.0
