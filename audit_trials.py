@@ -15,8 +15,8 @@ Ullman, Oprea, "Auditing Differentially Private Machine Learning", NeurIPS 2020;
          eps >= log((lower bound of P_a[R] - delta) / upper bound of P_b[R]).
   4. R is chosen on the first quarter of the trials (the one that rejects the most there) and
      measured on the other three quarters: there, the counts are plain binomials.
-This is a valid lower bound for any mechanism whose trials are independent; no model of the
-mechanism is assumed. Its limit: it only sees events of probability well above 1/n, and at
+This is a valid lower bound for any mechanism whose trials are independent and alike; no model
+of the mechanism is assumed. Its limit: it only sees events of probability well above 1/n, and at
 delta = 1e-5 an eps of 1 is decided by rarer ones. With 6e6 trials DP-SGD as it is reaches
 about 0.6 of its claim, so a bug must roughly double eps to be caught (clipping at 1.5 C, eps
 1.94: bounds 1.2-1.4).
@@ -41,11 +41,13 @@ Two designs per mechanism, each audited at level/2 (a union bound); the larger b
   class count) breaks that independence, and it leaks through the SCALE of the whole output.
   So: one canary and one companion per run (per class for the central images, whose counts are
   per class), the worst case being a dataset of two: a divisor of 2 can only occur with the
-  canary. The mechanism's noise on coordinates that no example touches (pixels, for a uniform
-  image) reveals the divisor: score "spread", the smallest standard deviation over them in any
-  step, 1 as the mechanism is, whatever the data.
+  canary. The noise where no signal varies (DP-SGD: coordinates that no example touches; the
+  central images: the pixels of the uniform canary's class) reveals the divisor. Score
+  "spread": its smallest standard deviation in any step, 1 as the mechanism is, whatever the
+  data.
 The audited run is tiny (one DP-SGD step; the project's five central queries): a bug that only
 shows across steps (the same noise in every step, say) needs a run with more steps (`steps`).
+`python audit.py --trials` prints the README's table (about 6 minutes on 2 cores).
 """
 import math
 import time

@@ -1,6 +1,8 @@
-"""Tests for audit.py: the one-run statistics, and the audit in both directions. As the project's
-mechanisms are, the empirical lower bound stays below the accountant's epsilon; with the noise or
-the clipping lost, it rises above it, so the audit can fail.
+"""Tests for audit.py and audit_trials.py: their statistics, and each audit in both directions. As
+the project's mechanisms are, the empirical lower bound stays below the accountant's epsilon; with
+a bug, it rises above it, so the audit can fail. The one-run audit is tried on gross bugs (noise
+or clipping lost), the many-trial audit on every bug of audit_trials' table, each written here
+by hand.
 
 Expected values are derived here by hand (closed forms of the binomial bound, randomized
 response, the mechanisms' signal) and never read off audit.py. Every random draw is seeded, so
