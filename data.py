@@ -2,11 +2,13 @@
 
 `load(name, split, data_dir)` returns the images as uint8 [N, C, H, W] and the labels as int64
 [N]. The files are read from `data_dir` when given (e.g. ../shared/data/mnist), else from
-./data/<name>, downloading them there first when they are missing. Downloads are checked
-against the publishers' MD5 sums; every file is checked for its format (magic number, shape,
-length, compressed-stream CRC) and its contents (image shape, labels in 0..K-1) when read, so a
-corrupt or truncated file gives one clear `DataError` line instead of a traceback or, worse,
-silently wrong images.
+./data/<name>, downloading them there first when they are missing. Every file is checked for its
+format (magic number, shape, length, compressed-stream CRC) and its contents (image shape,
+labels in 0..K-1) when read, so a corrupt or truncated file gives one clear `DataError` line
+instead of a traceback or, worse, silently wrong images. And it must be the official file of
+that dataset and split (its number of images, and the publisher's digest): FashionMNIST files
+given for MNIST, or test files named as training files, pass every other check. `trust_files`
+(train.py's --trust-data-files) accepts other files knowingly.
 """
 import gzip
 import hashlib
@@ -21,25 +23,35 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import runs
+
+# train and test: the number of images of the official splits
 INFO = {
-    "mnist": dict(channels=1, size=28, classes=10),
-    "fashionmnist": dict(channels=1, size=28, classes=10),
-    "cifar10": dict(channels=3, size=32, classes=10),
+    "mnist": dict(channels=1, size=28, classes=10, train=60000, test=10000),
+    "fashionmnist": dict(channels=1, size=28, classes=10, train=60000, test=10000),
+    "cifar10": dict(channels=3, size=32, classes=10, train=50000, test=10000),
 }
 
-# (file name, MD5 of the file as the publisher serves it)
+# (file name, MD5 of the file as the publisher serves it, SHA-256 of its decompressed contents
+# where known). A recompressed copy (such as ../shared/data/mnist) has another MD5 but the same
+# contents. The MNIST contents' digests were computed from those copies (their sizes are the
+# official ones); for FashionMNIST and CIFAR-10 only the publishers' MD5s are known here.
 _IDX_FILES = {
     "mnist": {
-        "train": [("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-                  ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432")],
-        "test": [("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
-                 ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")],
+        "train": [("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                   "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+                  ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432",
+                   "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5")],
+        "test": [("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3",
+                  "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+                 ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c",
+                  "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2")],
     },
     "fashionmnist": {
-        "train": [("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-                  ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe")],
-        "test": [("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-                 ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310")],
+        "train": [("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d", None),
+                  ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe", None)],
+        "test": [("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79", None),
+                 ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310", None)],
     },
 }
 _MIRRORS = {
@@ -55,22 +67,56 @@ class DataError(Exception):
     """A dataset problem the user can fix (missing, corrupt or unknown); one line."""
 
 
-def load(name, split="train", data_dir=None):
-    """The images (uint8 [N, C, H, W]) and labels (int64 [N]) of a dataset split."""
+def load(name, split="train", data_dir=None, trust_files=False):
+    """The images (uint8 [N, C, H, W]) and labels (int64 [N]) of a dataset split; unless
+    `trust_files`, only from the official files."""
     if name not in INFO:
         raise DataError(f"unknown dataset '{name}': choose one of {', '.join(INFO)}")
     if split not in ("train", "test"):
         raise DataError(f"unknown split '{split}': choose train or test")
     folder = data_dir or os.path.join("data", name)
     if name == "cifar10":
-        return _load_cifar10(folder, split, download=data_dir is None)
-    (image_file, image_md5), (label_file, label_md5) = _IDX_FILES[name][split]
+        return _load_cifar10(folder, split, data_dir is None, trust_files)
+    (image_file, image_md5, image_sha256), (label_file, label_md5, label_sha256) = \
+        _IDX_FILES[name][split]
     image_path = _find_or_download(name, folder, image_file, image_md5, data_dir is None)
     label_path = _find_or_download(name, folder, label_file, label_md5, data_dir is None)
-    images = _read_idx(image_path, magic=2051)[:, None]  # N x H x W -> N x 1 x H x W
-    labels = _read_idx(label_path, magic=2049)
+    images, image_contents = _read_idx(image_path, magic=2051)
+    labels, label_contents = _read_idx(label_path, magic=2049)
+    images = images[:, None]  # N x H x W -> N x 1 x H x W
     _check_contents(name, images, labels, image_path, label_path)
+    if not trust_files:
+        _check_official(name, split, len(labels), image_path, image_md5,
+                        image_sha256 == image_contents)
+        _check_official(name, split, len(labels), label_path, label_md5,
+                        label_sha256 == label_contents)
     return torch.from_numpy(images), torch.from_numpy(labels).long()
+
+
+def _check_official(name, split, count, path, md5, same_contents=False):
+    """One DataError naming the file unless it is the official one: the split's number of
+    images, and the publisher's MD5 of the file or (same_contents) the known SHA-256 of its
+    decompressed contents."""
+    hint = "pass --trust-data-files to use other files knowingly"
+    if count != INFO[name][split]:
+        raise DataError(f"{path} holds {count} images, the official {name} {split} split "
+                        f"{INFO[name][split]} (another split's file?); {hint}")
+    if not same_contents:
+        with open(path, "rb") as f:
+            if hashlib.md5(f.read()).hexdigest() != md5:
+                raise DataError(f"{path} is not the official {name} file (its digest is not "
+                                f"the publisher's: another dataset's file?); {hint}")
+
+
+def digest(images, labels):
+    """SHA-256 of a data set as loaded (shapes, images, labels). A run's checkpoint keeps the
+    digest of its training data, so that a resume on other data is refused. It identifies the
+    sensitive data: it belongs in private files only."""
+    h = hashlib.sha256()
+    for tensor in (images, labels):
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.contiguous().numpy())
+    return h.hexdigest()
 
 
 def _check_contents(name, images, labels, image_source, label_source):
@@ -91,7 +137,8 @@ def _check_contents(name, images, labels, image_source, label_source):
 
 
 def _read_idx(path, magic):
-    """One IDX file (LeCun's format: big-endian magic, dimensions, then uint8 data)."""
+    """One IDX file (LeCun's format: big-endian magic, dimensions, then uint8 data), and the
+    SHA-256 of its decompressed contents."""
     try:
         with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
             raw = f.read()
@@ -108,10 +155,10 @@ def _read_idx(path, magic):
     if data.size != int(np.prod(shape)):
         raise DataError(f"{path} is truncated or padded: header says {shape}, "
                         f"found {data.size} values")
-    return data.reshape(shape).copy()
+    return data.reshape(shape).copy(), hashlib.sha256(raw).hexdigest()
 
 
-def _load_cifar10(folder, split, download):
+def _load_cifar10(folder, split, download, trust_files):
     archive = _find_or_download("cifar10", folder, *_CIFAR_ARCHIVE, download)
     members = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
@@ -138,6 +185,8 @@ def _load_cifar10(folder, split, download):
     except (OSError, EOFError, KeyError, tarfile.TarError, pickle.UnpicklingError,
             ValueError, zlib.error) as e:
         raise DataError(f"cannot read {archive}: {e} (corrupt or truncated file?)") from None
+    if not trust_files:
+        _check_official("cifar10", split, sum(map(len, labels)), archive, _CIFAR_ARCHIVE[1])
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -200,7 +249,8 @@ def save_grid(images, path, nrow):
         top, left = 2 + (i // nrow) * (h + 2), 2 + (i % nrow) * (w + 2)
         grid[:, top:top + h, left:left + w] = images[i]
     array = grid.permute(1, 2, 0).numpy()
-    Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
+    picture = Image.fromarray(array[:, :, 0] if c == 1 else array)
+    runs.atomic_write(path, lambda f: picture.save(f, format="PNG"))  # never half a file
 
 
 def save_side_by_side(panels, path, gap=12):
@@ -217,4 +267,4 @@ def save_side_by_side(panels, path, gap=12):
         draw.text((left, 1), title, fill="black")
         canvas.paste(picture, (left, top))
         left += picture.width + gap
-    canvas.save(path)
+    runs.atomic_write(path, lambda f: canvas.save(f, format="PNG"))

@@ -1,5 +1,6 @@
 """Tests of data.py's checks: a damaged or foreign dataset file gives one DataError line that
-names the file, never a traceback and never silently wrong images.
+names the file, never a traceback and never silently wrong images; and a dataset is read only
+from its official files, unless trust_files (--trust-data-files).
 
 The damaged files are copies of the real MNIST test split with one change each; where a byte
 is flipped, the offset is found by trying (the first one from the middle of the compressed data
@@ -96,7 +97,7 @@ def test_labels_outside_0_to_9_are_refused(mnist_dir, tmp_path):
     sixth_label = 8 + 5  # after the IDX header: magic and count, 4 bytes each
 
     rewrite_idx(labels, lambda raw: raw.__setitem__(sixth_label, 9))  # the largest class
-    assert data.load("mnist", "test", str(folder))[1][5] == 9
+    assert data.load("mnist", "test", str(folder), trust_files=True)[1][5] == 9
     rewrite_idx(labels, lambda raw: raw.__setitem__(sixth_label, 10))  # one past it
     one_line_data_error(lambda: data.load("mnist", "test", str(folder)), str(labels), "0..9")
 
@@ -129,11 +130,11 @@ def test_cifar10_loads_and_refuses_foreign_contents(tmp_path):
     pixels = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
     labels = np.arange(20) % 10
     archive = write_cifar(tmp_path, pixels, labels)
-    images, loaded_labels = data.load("cifar10", "test", str(tmp_path))
+    images, loaded_labels = data.load("cifar10", "test", str(tmp_path), trust_files=True)
     assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8
     assert images[3, 1, 0, 5] == pixels[3, 1024 + 5]  # green plane, row 0, column 5
     assert loaded_labels.tolist() == labels.tolist()
-    load = lambda: data.load("cifar10", "test", str(tmp_path))
+    load = lambda: data.load("cifar10", "test", str(tmp_path), trust_files=True)
 
     write_cifar(tmp_path, pixels, np.where(labels == 3, 10, labels))
     one_line_data_error(load, str(archive), "test_batch", "0..9")
@@ -153,6 +154,51 @@ def test_cifar10_damaged_archive_gives_one_data_error_line(tmp_path):
         archive.write_bytes(damage(original))
         one_line_data_error(lambda: data.load("cifar10", "test", str(tmp_path)), str(archive),
                             "corrupt or truncated")
+
+
+# ---- official files ---------------------------------------------------------------------------
+
+def test_another_datasets_or_splits_files_are_refused_unless_trusted(mnist_dir, tmp_path):
+    """Files of the right format and shape that are not the dataset's own: MNIST's given as
+    FashionMNIST's (the same size), test files named as training files."""
+    folder = copy_test_split(mnist_dir, tmp_path)  # the official MNIST test files load
+    one_line_data_error(lambda: data.load("fashionmnist", "test", str(folder)),
+                        str(folder / IMAGES), "official", "--trust-data-files")
+    assert data.load("fashionmnist", "test", str(folder), trust_files=True)[0].shape[0] == 10_000
+    for name in (IMAGES, LABELS):
+        os.rename(folder / name, folder / name.replace("t10k", "train"))
+    one_line_data_error(lambda: data.load("mnist", "train", str(folder)),
+                        str(folder / "train-images-idx3-ubyte.gz"), "10000", "60000")
+    assert data.load("mnist", "train", str(folder), trust_files=True)[1].shape == (10_000,)
+
+
+def test_a_changed_official_file_is_refused_and_a_recompressed_one_is_not(mnist_dir, tmp_path):
+    """The copies here are recompressed (not the publisher's MD5): their contents' SHA-256
+    identifies them. One label moved to another class (still in 0..9) is other data."""
+    folder = copy_test_split(mnist_dir, tmp_path)
+    labels = folder / LABELS
+    rewrite_idx(labels, lambda raw: None)  # the same contents, compressed again
+    assert data.load("mnist", "test", str(folder))[1].shape == (10_000,)
+    rewrite_idx(labels, lambda raw: raw.__setitem__(8, (raw[8] + 1) % 10))
+    one_line_data_error(lambda: data.load("mnist", "test", str(folder)), str(labels), "official")
+
+
+def test_a_cifar10_archive_that_is_not_the_official_one_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    archive = write_cifar(tmp_path, rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                          np.arange(20) % 10)
+    one_line_data_error(lambda: data.load("cifar10", "test", str(tmp_path)), str(archive),
+                        "20 images", "10000", "--trust-data-files")
+
+
+def test_the_digest_of_a_data_set_changes_with_any_image_or_label(mnist_dir):
+    images, labels = data.load("mnist", "test", mnist_dir)
+    digest = data.digest(images, labels)
+    assert data.digest(images.clone(), labels.clone()) == digest
+    changed = labels.clone()
+    changed[0] = (changed[0] + 1) % 10
+    assert data.digest(images, changed) != digest
+    assert data.digest(images[:-1], labels[:-1]) != digest
 
 
 # ---- image layouts --------------------------------------------------------------------------
