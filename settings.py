@@ -130,14 +130,26 @@ def parse_args(argv=None, description=None):
     p.add_argument("--seed", type=int, help="fix all randomness, DP noise included (testing only: "
                    "a known seed lets anyone remove the noise); default: a secret generator")
     p.add_argument("--data-dir", help="folder with the dataset files (default ./data/<dataset>)")
+    p.add_argument("--trust-data-files", action="store_true",
+                   help="accept dataset files that are not the official ones (their number of "
+                   "images or digest differs): your own data, knowingly")
     p.add_argument("--inception", help="local FID Inception weights file")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0,
                    help="also checkpoint this often during training (default 5)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for option in ("out", "resume"):  # "" is no folder, not the default one
+        if getattr(args, option) == "":
+            p.error(f"--{option}: an empty path names no folder")
+    for option in ("out", "overwrite"):  # refused rather than ignored
+        if args.resume is not None and getattr(args, option):
+            p.error(f"--{option}: a resumed run continues in its own folder ({args.resume}); "
+                    f"leave out --{option}")
+    return args
 
 
 # Settings that only change what happens after training, with the train.py stage that uses
-# them: a resumed run may change them while that stage has not run yet.
+# them: a resumed run may change them while that stage has not started (once it has, its
+# output so far was made with them, and a change would mix two settings in one release).
 AFTER_TRAINING = dict(n_samples="synthesize", sample_steps="synthesize", solver="synthesize",
                       guidance="synthesize", fid_n="evaluate_release",
                       classifier_epochs="evaluate_release", classifier_lr="evaluate_release")
@@ -146,7 +158,7 @@ AFTER_TRAINING = dict(n_samples="synthesize", sample_steps="synthesize", solver=
 def settings_of(args, state, stage_names):
     """The run's Config: a new run's preset with the flags given; a resumed run's own (state:
     its checkpoint; stage_names: train.py's stages in order, then "done"), where only the
-    AFTER_TRAINING settings of stages not yet run may change."""
+    AFTER_TRAINING settings of stages not yet started may change."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
              if getattr(args, f.name) is not None}
     if state is None:
@@ -154,15 +166,18 @@ def settings_of(args, state, stage_names):
         return dataclasses.replace(PRESETS[preset], **given)
     try:
         cfg, reached = Config(**state["cfg"]), stage_names.index(state["stage"])
+        started = bool(state["step"] or state["samples"])  # the stage reached made some output
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"--resume: {args.resume} holds no valid settings") from None
     for name, value in given.items():
-        if value != getattr(cfg, name) and not (
-                name in AFTER_TRAINING and reached <= stage_names.index(AFTER_TRAINING[name])):
+        if value == getattr(cfg, name):
+            continue
+        stage = stage_names.index(AFTER_TRAINING[name]) if name in AFTER_TRAINING else -1
+        if not (reached < stage or reached == stage and not started):
             raise ValueError(f"{flag(name)}: {args.resume} is a run with "
                              f"{name}={getattr(cfg, name)}; a resumed run keeps its settings "
-                             f"(only sampling and evaluation settings of stages not yet run "
-                             f"may change)")
+                             f"(only sampling and evaluation settings of stages not yet "
+                             f"started may change)")
     for option in ("preset", "seed"):
         if getattr(args, option) is not None:
             raise ValueError(f"--{option}: a resumed run continues its own settings and random "
@@ -170,19 +185,30 @@ def settings_of(args, state, stage_names):
     return dataclasses.replace(cfg, **given)
 
 
-# What each number must be: (test, in words). Anything else is refused before any work.
+# What each number must be: (test, in words). Anything else is refused before any work. The
+# upper bounds keep runs where float32 arithmetic and the methods mean something: Adam moves
+# each weight by about lr per step (lr = 1e30 and C = 1e38, whose square and noise overflow,
+# ended in all-black samples), and counts stop at ten million, far beyond any protocol here,
+# where a typo would otherwise start a run with an ETA of years.
+MAX_COUNT = 10_000_000
 REQUIREMENTS = dict(
     eps=(lambda v: v > 0, "> 0"), delta=(lambda v: 0 < v < 1, "in (0, 1)"),
-    central_q=(lambda v: 0 < v <= 1, "in (0, 1]"), central_sigma=(lambda v: v > 0, "> 0"),
-    central_queries=(lambda v: v >= 1, ">= 1"), warmup_steps=(lambda v: v >= 0, ">= 0"),
-    warmup_batch=(lambda v: v >= 1, ">= 1"), batch=(lambda v: v >= 1, ">= 1"),
-    epochs=(lambda v: v > 0, "> 0"), noise_draws=(lambda v: v >= 1, ">= 1"),
-    lr=(lambda v: v > 0, "> 0"), clip=(lambda v: v > 0, "> 0"),
+    central_q=(lambda v: 0 < v <= 1, "in (0, 1]"),
+    central_sigma=(lambda v: 0 < v <= 1e6, "in (0, 1e6]"),
+    central_queries=(lambda v: 1 <= v <= 1000, "in 1..1000"),
+    warmup_steps=(lambda v: 0 <= v <= MAX_COUNT, f"in 0..{MAX_COUNT}"),
+    warmup_batch=(lambda v: 1 <= v <= MAX_COUNT, f"in 1..{MAX_COUNT}"),
+    batch=(lambda v: v >= 1, ">= 1"), epochs=(lambda v: 0 < v <= 10_000, "in (0, 10000]"),
+    noise_draws=(lambda v: 1 <= v <= 1024, "in 1..1024"),
+    lr=(lambda v: 0 < v <= 1, "in (0, 1]"), clip=(lambda v: 1e-6 <= v <= 1e6, "in [1e-6, 1e6]"),
     ema=(lambda v: 0 <= v < 1, "in [0, 1)"), chunk=(lambda v: v >= 1, ">= 1"),
     sample_steps=(lambda v: 0 <= v <= 1000, "in 0..1000 (the diffusion steps; 0: ancestral)"),
-    guidance=(lambda v: v >= 0, ">= 0"), n_samples=(lambda v: v >= 2, ">= 2"),
-    fid_n=(lambda v: v == 0 or v >= 2, "0 (no FID) or >= 2 (two images a side at least)"),
-    classifier_epochs=(lambda v: v >= 1, ">= 1"), classifier_lr=(lambda v: v > 0, "> 0"),
+    guidance=(lambda v: 0 <= v <= 100, "in [0, 100]"),
+    n_samples=(lambda v: 2 <= v <= MAX_COUNT, f"in 2..{MAX_COUNT}"),
+    fid_n=(lambda v: v == 0 or 2 <= v <= MAX_COUNT,
+           f"0 (no FID) or in 2..{MAX_COUNT} (two images a side at least)"),
+    classifier_epochs=(lambda v: 1 <= v <= 10_000, "in 1..10000"),
+    classifier_lr=(lambda v: 0 < v <= 1, "in (0, 1]"),
     train_subset=(lambda v: v >= 0, ">= 0 (0: all)"))
 
 
