@@ -47,7 +47,7 @@ Two designs per mechanism, each audited at level/2 (a union bound); the larger b
   data.
 The audited run is tiny (one DP-SGD step; the project's five central queries): a bug that only
 shows across steps (the same noise in every step, say) needs a run with more steps (`steps`).
-`python audit.py --trials` prints the README's table (about 6 minutes on 2 cores).
+`python audit.py --trials` prints the README's table (about 5 minutes on 2 cores).
 """
 import math
 import time
