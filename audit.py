@@ -244,6 +244,8 @@ def main(argv=None):
         parser.error(f"--delta: must be in (0, 1), got {args.delta:g}")
     if not args.scale > 0:
         parser.error(f"--scale: must be > 0, got {args.scale:g}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 64:
+        parser.error(f"--seed: must be in 0..2**64 - 1, got {args.seed}")
     if (args.variant or args.scale != 1.0) and not args.trials:
         parser.error("--variant, --scale: only with --trials")
     # The audits' tensors are tiny: on a shared CPU, extra threads only wait for each other

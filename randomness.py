@@ -40,10 +40,12 @@ _MT_STATE_OFFSET = 24      # in torch's CPU generator state: seed (8), left (4),
 def secret_generator(seed=None):
     """A CPU torch.Generator for the mechanisms: 19,937 bits of OS entropy (`seed=None`).
 
-    seed: an int for tests and debugging only; it goes through `manual_seed` and is therefore
-    NOT secret (32 bits on the CPU; and a known seed removes the noise)."""
+    seed: an int in 0..2^64 - 1 for tests and debugging only; it goes through `manual_seed` and
+    is therefore NOT secret (32 bits on the CPU; and a known seed removes the noise)."""
     generator = torch.Generator()
     if seed is not None:
+        if not 0 <= seed < 2 ** 64:  # what manual_seed takes (it fails with a traceback)
+            raise ValueError(f"--seed: must be in 0..2**64 - 1, got {seed}")
         return generator.manual_seed(seed)
     # Start from a freshly seeded state (valid bookkeeping fields: the next draw re-twists the
     # whole state) and overwrite the 624 state words, stored as uint64 each, with OS entropy.

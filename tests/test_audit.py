@@ -174,7 +174,8 @@ def test_central_audit_catches_noise_calibrated_per_pixel(monkeypatch):
 # ------------------------------------------------------------------------------ command line
 @pytest.mark.parametrize("argv", [["--canaries", "5"], ["--delta", "0"], ["--canaries", "many"],
                                   ["--variant", "dpsgd:as-it-is"], ["--trials", "--variant", "x"],
-                                  ["--trials", "--scale", "0"]])
+                                  ["--trials", "--scale", "0"], ["--seed", str(2 ** 64)],
+                                  ["--seed", "-1"]])
 def test_bad_arguments_fail_in_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         audit.main(argv)

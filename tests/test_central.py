@@ -292,3 +292,22 @@ def test_command_line_releases_with_a_secret_generator_unless_seeded(mnist_dir, 
 
     assert release("a") != release("b")
     assert release("c", "--seed", "3") == release("d", "--seed", "3")
+
+
+@pytest.mark.parametrize("where", ["a_file", "/proc/no/such/folder"])
+def test_command_line_refuses_an_output_it_cannot_write_in_one_line(where, mnist_dir, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "a_file" if where == "a_file" else where
+    if where == "a_file":
+        out.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        central.main(["--data-dir", mnist_dir, "--out", str(out), "--queries", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+
+
+def test_command_line_refuses_a_seed_torch_cannot_take_in_one_line(mnist_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        central.main(["--data-dir", mnist_dir, "--out", str(tmp_path), "--seed", str(2 ** 64)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--seed" in err and err.count("\n") == 1, err
