@@ -135,7 +135,8 @@ def parse_args(argv=None, description=None):
                    "images or digest differs): your own data, knowingly")
     p.add_argument("--inception", help="local FID Inception weights file")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0,
-                   help="also checkpoint this often during training (default 5)")
+                   help="also checkpoint this often during training (in DP-SGD at the end of "
+                   "a block of 10 steps; default 5)")
     args = p.parse_args(argv)
     for option in ("out", "resume"):  # "" is no folder, not the default one
         if getattr(args, option) == "":
