@@ -27,7 +27,15 @@ all-reduce carries unnoised gradient sums and the broadcast carries the generato
 network between the machines must be as trusted as the machines themselves.
 
 Without torchrun (WORLD_SIZE unset or 1) nothing is set up and every function here returns at
-once: the one-process run is unchanged. (torch imports torch.distributed itself: no import cost.)
+once: the one-process run is unchanged. (torch imports torch.distributed itself: no import
+cost.) torchrun's variables left in a plain shell (RANK=1, or WORLD_SIZE=2 without the
+rendezvous) are refused in one line: RANK=1 alone would make a run that writes nothing, and
+WORLD_SIZE=2 one that fails or waits for processes that never come.
+
+Ctrl-C under torchrun: torchrun passes the signal to every process, which checkpoints at the
+next step boundary (in DP-SGD, the block's end) and exits; torchrun itself then prints a
+traceback (its SignalException) and exits with 1, whatever the processes did, and kills those
+still running after --shutdown-timeout seconds (30 by default; give DP-SGD's blocks time).
 """
 import os
 import sys
@@ -44,19 +52,36 @@ def rank():
     return int(os.environ.get("RANK", 0))
 
 
+def check_environment():
+    """One-line ValueError unless the environment is a plain process or a torchrun worker."""
+    try:
+        size, this = world_size(), rank()
+    except ValueError:
+        given = ", ".join(f"{n}={os.environ[n]!r}" for n in ("WORLD_SIZE", "RANK")
+                          if n in os.environ)
+        raise ValueError(f"{given}: WORLD_SIZE and RANK must be whole numbers") from None
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+               if name not in os.environ] if size > 1 else []
+    if size < 1 or not 0 <= this < size or missing:
+        raise ValueError(f"RANK={this} and WORLD_SIZE={size}{' without ' if missing else ''}"
+                         f"{', '.join(missing)} are not a torchrun worker's: start several "
+                         f"processes with torchrun, or unset RANK and WORLD_SIZE")
+
+
 def is_main():
     """Rank 0: the process that draws the central images and writes the run's files."""
     return rank() == 0
 
 
 def started():
-    return world_size() > 1 and dist.is_initialized()
+    return dist.is_initialized() and world_size() > 1
 
 
 def start():
     """Join torchrun's process group (its environment variables say where the others are).
     CPU tensors travel by gloo; CUDA tensors by NCCL. The other processes' stdout goes to
     /dev/null (each line would be printed N times); their errors (stderr) are kept."""
+    check_environment()
     if world_size() == 1:
         return
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")

@@ -1,27 +1,39 @@
 """Run bookkeeping for train.py: the run folder, checkpoints, the report, progress and Ctrl-C.
 
 Nothing here is about privacy or diffusion; it keeps train.py about the science. The rules:
-* A file is written to `<name>.tmp` and renamed, so a crash never leaves half a file.
+* One run per folder: a run holds an OS lock on its folder (`lock_folder`) from before its first
+  write until it exits, so a second run, a --resume or an --overwrite of a live run is refused.
+* A file is written to a temporary file of its own in the same folder and renamed, so a crash or
+  a full disk never leaves half a file, and the file as it was stays until the new one is whole.
 * A checkpoint is one file: a header line with the SHA-256 of the rest, then torch.save's bytes.
   A flipped byte, a truncated copy or a foreign file is refused with one line, before anything
   in the run folder is touched; loading never executes code (weights_only).
 * report.json is rewritten with every checkpoint, so it always says what the checkpoint holds.
 * A new run never overwrites a folder that holds a run's files, unless asked to.
-* The first Ctrl-C asks the loop to checkpoint and stop at the next step boundary; a second one
-  aborts at once.
+* The first Ctrl-C (or SIGTERM, SIGHUP: what schedulers and closed terminals send) asks the loop
+  to checkpoint and stop at the next step boundary; a second one ends the process at once.
+* In DP-SGD nothing that others can see happens inside a block of steps (`Progress`): a step's
+  time grows with its secret batch size, so progress lines, checkpoints and report writes (and
+  with them the files' modification times and report.json's timings) come only after whole
+  blocks of DPSGD_BLOCK steps, and so does a stop.
 """
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
 import os
+import secrets
 import signal
+import sys
 import time
 
 import torch
 
 CHECKPOINT = "checkpoint.pt"
 REPORT = "report.json"
+LOCK = ".lock"  # empty; held with flock while a run is live (never removed: see lock_folder)
+DPSGD_BLOCK = 10  # DP-SGD steps per block: the fewest that any line, file or timing describes
 # Every file a run writes; a folder holding any of them holds a run.
 RUN_FILES = (CHECKPOINT, REPORT, "central_images.png", "warmup_samples.png", "samples.png",
              "stages.png", "samples.npz")
@@ -32,25 +44,72 @@ class StopRequested(Exception):
     """Ctrl-C arrived; the run was checkpointed at a step boundary."""
 
 
+class NotFinite(ValueError):
+    """The weights hold NaN or inf: the run stops without saving them."""
+
+
 def atomic_write(path, write, mode="wb"):
-    """write(file) into path + '.tmp', then rename it over path."""
-    with open(path + ".tmp", mode) as f:
-        write(f)
-    os.replace(path + ".tmp", path)
+    """write(file) into a new temporary file next to path (a unique name: two writers never
+    share one), then rename it over path. On any error the temporary file is removed and path
+    is left as it was; an OSError names path (a full disk's error names no file)."""
+    temporary = f"{path}.{secrets.token_hex(8)}.tmp"
+    try:
+        with open(temporary, mode.replace("w", "x")) as f:  # x: a new file, never another's
+            write(f)
+        os.replace(temporary, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), path) from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def lock_folder(folder, option):
+    """Lock `folder` for this process's run: an exclusive flock on folder/.lock, held until the
+    returned file is closed or the process ends (the OS releases it even after a crash or
+    kill -9, so a stale lock cannot block a resume). The lock file itself stays: removing it
+    would let a waiting run lock a file that no longer is the one the next run opens.
+    One-line ValueErrors that start with `option`."""
+    try:
+        lock = open(os.path.join(folder, LOCK), "a")
+    except FileNotFoundError:
+        raise ValueError(f"{option}: there is no folder {folder}") from None
+    except OSError as e:
+        raise ValueError(f"{option}: cannot write to {folder} ({e.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ValueError(f"{option}: {folder} is in use by another run (one run per folder); "
+                         f"wait for it to end, or choose another folder") from None
+    return lock
 
 
 def prepare_folder(folder, overwrite=False):
-    """Create the run folder, refusing one that holds a run's files unless `overwrite`
-    (then those files are removed first, so old and new files never mix)."""
+    """Create and lock the run folder (the lock, see lock_folder, is returned), refusing one
+    that holds a run's files unless `overwrite` (then those files are removed first, so old and
+    new files never mix). Locked before it is looked at: a live run is never overwritten."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out: cannot write to {folder} ({e.strerror})") from None
+    lock = lock_folder(folder, "--out")
+    try:
+        _clear_folder(folder, overwrite)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _clear_folder(folder, overwrite):
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
-    found += sorted(n for n in os.listdir(folder) if n.startswith("fid_stats")) \
-        if os.path.isdir(folder) else []
+    found += sorted(n for n in os.listdir(folder) if n.startswith("fid_stats"))
     if found and not overwrite:
         hint = (f"continue it with --resume {folder}, " if CHECKPOINT in found else "")
         raise ValueError(f"--out: {folder} already holds a run ({', '.join(found)}); {hint}"
                          f"choose another --out, or pass --overwrite to replace it")
     try:
-        os.makedirs(folder, exist_ok=True)
         for name in found:
             os.remove(os.path.join(folder, name))
         atomic_write(os.path.join(folder, ".writable"), lambda f: None)
@@ -99,52 +158,76 @@ def write_report(folder, report):
 
 
 def install_ctrl_c():
-    """A flag object; the first Ctrl-C sets `stop.requested`, a second one aborts at once."""
+    """A flag object: the first Ctrl-C, SIGTERM or SIGHUP sets `stop.requested`; a second one
+    ends the process at once, as that signal does by default (nothing more is written).
+    Schedulers send SIGTERM a while before they kill a job, and a closed terminal sends SIGHUP:
+    both get the checkpoint that Ctrl-C gets. A signal ignored when the run started (nohup,
+    a background job) stays ignored."""
     stop = type("Stop", (), {"requested": False})()
 
     def handler(signum, frame):
         if stop.requested:
-            signal.default_int_handler(signum, frame)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         stop.requested = True
-        print("\nCtrl-C: checkpointing at the end of this step (Ctrl-C again to abort)",
-              flush=True)
+        if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail
+            for stream in ("stdout", "stderr"):
+                if getattr(sys, stream).isatty():
+                    setattr(sys, stream, open(os.devnull, "w"))
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: checkpointing at the end of this step (in DP-SGD: of this block of "
+              f"{DPSGD_BLOCK} steps); {name} again ends the run at once", flush=True)
 
-    signal.signal(signal.SIGINT, handler)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
     return stop
 
 
 class Progress:
-    """Called after every step of a loop: a progress line every `every` seconds and at the end,
-    a checkpoint every `checkpoint_minutes`, and the stop on Ctrl-C. Lines show elapsed time
-    and an ETA averaged over all steps so far, and only once `min_steps` steps are done: a
-    DP-SGD step's time grows with its secret batch size, so no line may time a single one."""
+    """Called after every step of a loop. At the end of each block of `block` steps it prints a
+    line (every `every` seconds, and at the last step: elapsed time and an ETA averaged over the
+    steps so far), checks the weights (`check`), checkpoints every `checkpoint_minutes`, and
+    stops if asked to (Ctrl-C). Inside a block nothing is shown or written, and a stop waits for
+    the block's end: in DP-SGD (block=DPSGD_BLOCK), where a step's time grows with its secret
+    batch size, no line, no file and no file's modification time describes fewer steps than a
+    block. Blocks are counted from the stage's step 0 (a resumed run continues at a block's
+    end); a short last block joins the one before it (25 steps: blocks end at 10 and 25)."""
 
     def __init__(self, stage, first, total, checkpoint, stop, checkpoint_minutes, every=10.0,
-                 min_steps=10):
-        self.stage, self.first, self.total = stage, first, total
-        self.checkpoint, self.stop = checkpoint, stop
+                 block=1, check=None):
+        self.stage, self.first, self.total, self.block = stage, first, total, block
+        self.checkpoint, self.stop, self.check = checkpoint, stop, check
         self.checkpoint_seconds, self.every = 60 * checkpoint_minutes, every
-        self.min_steps = min_steps
         self.started = self.last_line = self.last_save = time.time()
+        self.stopping = False
+
+    def ends_block(self, step):
+        return step == self.total or (step % self.block == 0 and self.total - step >= self.block)
 
     def __call__(self, step, describe=""):
         """step: the number of steps done; describe: what to add to the line (or a function
         that returns it, called only when a line is printed)."""
+        # The flag is read once per step: in a multi-process run each read is a collective
+        # that all of them make together, so they all stop at the same block's end.
+        requested = self.stop.requested
+        self.stopping = self.stopping or requested
+        if not self.ends_block(step):
+            return
+        if self.check:
+            self.check(step)
         now, done = time.time(), step - self.first
-        if (now - self.last_line > self.every or step == self.total) and done >= self.min_steps:
+        if now - self.last_line > self.every or step == self.total:
             elapsed = now - self.started
             eta = elapsed / max(done, 1) * (self.total - step)
             describe = describe() if callable(describe) else describe
             print(f"[{self.stage}] step {step}/{self.total}{describe} | "
                   f"{elapsed / 60:.1f} min | ETA {eta / 60:.1f} min", flush=True)
             self.last_line = now
-        # The flag is read once per step: in a multi-process run each read
-        # is a collective that all of them make together.
-        stop = self.stop.requested
-        if stop or now - self.last_save > self.checkpoint_seconds:
+        if self.stopping or now - self.last_save > self.checkpoint_seconds:
             self.checkpoint(step)
             self.last_save = now
-            if stop:
+            if self.stopping:
                 raise StopRequested()
 
 
@@ -164,6 +247,7 @@ class Run:
         self.writes = True  # False on all but one of the processes of a distributed run
         self.stage, self.step, self.central, self.pieces = 0, 0, None, []
         self.metrics, self.timings, self.clock = {}, {}, time.time()
+        self.data_digest = None  # data.digest of the training data (private, like all here)
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -174,8 +258,20 @@ class Run:
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - self.clock
         self.clock = time.time()
 
+    def check_weights(self, step=None):
+        """NotFinite unless every weight is a finite number. Training that diverged (e.g. a
+        learning rate far too large) would otherwise go on to release noise, and it is checked
+        before every checkpoint, so such weights are never saved over the last good ones."""
+        if all(torch.isfinite(p).all() for p in self.model.parameters()):
+            return
+        raise NotFinite(f"the weights are NaN or inf after {self.stage_names[self.stage]} step "
+                        f"{self.step if step is None else step}: training diverged (--lr or "
+                        f"--clip too large?); the last checkpoint is kept, but a resume would "
+                        f"repeat the same steps: start a new run with other settings")
+
     def checkpoint(self, step=None):
         """Save the whole state, then the report that describes it."""
+        self.check_weights(step)
         if step is not None:
             self.step = step
         if not self.writes:
@@ -189,7 +285,7 @@ class Run:
             samples=self.pieces, metrics=self.metrics, timings=self.timings,
             model=self.model.state_dict(), ema=self.ema.state_dict(),
             optimizer=self.optimizer.state_dict(), secret_rng=self.secret.get_state(),
-            public_rng=self.public.get_state()))
+            public_rng=self.public.get_state(), data_sha256=self.data_digest))
         eps, order = self.ledger.epsilon()
         write_report(self.folder, dict(
             settings=settings, seed="fixed by --seed" if self.seeded else "secret", stage=name,

@@ -19,6 +19,8 @@ included, and ends bit for bit where an uninterrupted run on the same device wou
 `torchrun --nproc_per_node=N train.py ...` runs DP-SGD on N processes with the privacy of one
 (distributed.py): one Poisson sample and one noise draw per step.
 """
+import contextlib
+import functools
 import os
 import secrets
 import sys
@@ -199,17 +201,18 @@ def synthesize(model, cfg, ddpm, public, pieces, progress):
         progress(done)
 
 
-def evaluate_release(images, labels, cfg, data_dir, device, weights, fid_cache, progress):
+def evaluate_release(images, labels, cfg, real_data, device, weights, fid_cache, progress):
     """Accuracy of a classifier trained on the synthetic images only (tested once on the real
     test set), and FID against the first fid_n real training images. Both read real data outside
-    the guarantee, as in the paper: they measure the release, they are not part of it."""
-    test_images, test_labels = data.load(cfg.dataset, "test", data_dir)
+    the guarantee, as in the paper: they measure the release, they are not part of it.
+    real_data(split): the dataset's images and labels (data.load)."""
+    test_images, test_labels = real_data("test")
     metrics = dict(accuracy=classifier.classifier_accuracy(
         images, labels, test_images, test_labels, data.INFO[cfg.dataset]["classes"],
         cfg.classifier_epochs, lr=cfg.classifier_lr, seed=0, device=device, progress=progress))
     print(f"[evaluate] accuracy on the real test set: {metrics['accuracy']['test_accuracy']:.4f}")
     if cfg.fid_n:
-        real = data.load(cfg.dataset, "train", data_dir)[0][:cfg.train_subset or None]
+        real = real_data("train")[0][:cfg.train_subset or None]
         n_fake, n_real = min(cfg.fid_n, len(images)), min(cfg.fid_n, len(real))
         value = evaluate.fid(images[:n_fake], real[:n_real], device=device, weights=weights,
                              reference_cache=fid_cache(n_real), progress=progress)
@@ -256,9 +259,9 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
     """Run the stages still to do, in order; a checkpoint after each one."""
     cfg = run.cfg
 
-    def progress(stage, total, min_steps=1):
+    def progress(stage, total, block=1):  # also stops on NaN or inf weights (check_weights)
         return runs.Progress(stage.__name__, run.step, total, run.checkpoint, stop,
-                             args.checkpoint_minutes, min_steps=min_steps)
+                             args.checkpoint_minutes, block=block, check=run.check_weights)
 
     def finished(stage):
         run.tally_time()  # the time so far is this stage's, not the next one's
@@ -298,11 +301,11 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
     if run.stage <= STAGES.index(train_dpsgd):
         # With --no-dpsgd the EMA, fresh from the warmed-up weights, is what gets sampled.
         if cfg.dpsgd:
-            # Progress lines never describe fewer than 10 DP-SGD steps: a step's time grows
-            # with its (secret) batch size.
+            # Nothing is shown or written inside a block of DP-SGD steps, and a stop waits for
+            # the block's end (runs.Progress): a step's time grows with its secret batch size.
             train_dpsgd(run.model, run.optimizer, run.ema, sensitive_images, sensitive_labels,
                         cfg, run.plan["dpsgd"], run.ddpm, run.secret, run.ledger, run.step,
-                        progress(train_dpsgd, run.plan["dpsgd"]["steps"], min_steps=10))
+                        progress(train_dpsgd, run.plan["dpsgd"]["steps"], runs.DPSGD_BLOCK))
         finished(train_dpsgd)
     # Synthesis and evaluation post-process the trained weights: rank 0 goes on alone.
     distributed.finish()
@@ -323,39 +326,56 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
         def stop_point(message):  # evaluation's progress lines are its batch boundaries
             print(message, file=sys.stderr, flush=True)
             if stop.requested:
+                run.checkpoint()
                 raise runs.StopRequested()
 
         images, labels = evaluate.load_samples(run.path("samples.npz"), cfg.dataset)
         # The real side's FID statistics describe sensitive images: kept in the private run
         # folder, next to the checkpoint.
         fid_cache = lambda n: run.path(f"fid_stats_train_{n}.npz")  # noqa: E731
-        run.metrics = evaluate_release(images, labels, cfg, args.data_dir, run.device,
+        real_data = functools.partial(data.load, cfg.dataset, data_dir=args.data_dir,
+                                      trust_files=args.trust_data_files)
+        run.metrics = evaluate_release(images, labels, cfg, real_data, run.device,
                                        args.inception, fid_cache, stop_point)
         finished(evaluate_release)
 
 
 def main(argv=None):
     args = settings.parse_args(argv, description=__doc__.split("\n\n")[0])
-    distributed.start()  # under torchrun only
+    # One run per folder: its lock (runs.lock_folder) is held from before the run reads or
+    # writes its folder until it ends, whichever way it ends.
+    with contextlib.ExitStack() as held:
+        return start_and_train(args, held)
+
+
+def start_and_train(args, held):
     try:
+        distributed.start()  # under torchrun only
+        if args.resume and distributed.is_main():  # locked before the checkpoint is read
+            held.enter_context(runs.lock_folder(args.resume, "--resume"))
         state = runs.load_checkpoint(args.resume) if args.resume else None
         if state is not None:  # where things are: the run's own unless given again
             saved = state.get("options") if isinstance(state.get("options"), dict) else {}
-            for option in ("device", "data_dir", "inception"):
+            for option in ("device", "data_dir", "inception", "trust_data_files"):
                 setattr(args, option, getattr(args, option) or saved.get(option))
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         settings.check_options(args, state)
         args.device = distributed.device_of_this_process(args.device)
         cfg = settings.settings_of(args, state, [s.__name__ for s in STAGES] + ["done"])
         settings.check_settings(cfg)
-        sensitive_images, sensitive_labels = data.load(cfg.dataset, "train", args.data_dir)
+        sensitive_images, sensitive_labels = data.load(cfg.dataset, "train", args.data_dir,
+                                                       args.trust_data_files)
         subset = slice(cfg.train_subset or None)
         sensitive_images, sensitive_labels = sensitive_images[subset], sensitive_labels[subset]
         n = len(sensitive_images)  # public, like the dataset's name
+        digest = data.digest(sensitive_images, sensitive_labels)  # private: the checkpoint's
         plan = privacy_plan(cfg, n) if state is None else state["plan"]
         if plan["n"] != n:
             raise ValueError(f"--data-dir: the run was planned for {plan['n']} training images, "
                              f"found {n}")
+        if state is not None and state.get("data_sha256") not in (None, digest):  # None: old
+            raise ValueError(f"--data-dir: these are not the training images of {args.resume} "
+                             f"(their digest differs); resume on the data it was trained on")
         if (plan["dpsgd"] is not None) != cfg.dpsgd:
             raise ValueError(f"--resume: the privacy plan of {args.resume} does not match its "
                              f"settings (DP-SGD {'off' if cfg.dpsgd else 'on'} in the plan)")
@@ -370,16 +390,18 @@ def main(argv=None):
             name = f"{cfg.dataset}-nodpsgd"
         folder = args.resume or args.out or os.path.join("runs", name)
         run = new_run(cfg, plan, folder, args.device, args.seed)
-        run.options = dict(device=args.device, data_dir=args.data_dir, inception=args.inception)
+        run.options = dict(device=args.device, data_dir=args.data_dir, inception=args.inception,
+                           trust_data_files=args.trust_data_files)
         run.writes = distributed.is_main()  # one process writes the run's files
         if state is not None:
             run.restore(state)
         elif run.writes:
-            runs.prepare_folder(folder, args.overwrite)
+            held.enter_context(runs.prepare_folder(folder, args.overwrite))
+        run.data_digest = digest
         print_plan(plan)
         print(f"run folder: {folder} (stage {run.stage + 1} of {len(STAGES)}, step {run.step})")
         run.checkpoint()
-    except (ValueError, data.DataError, inception.WeightsError) as e:
+    except (ValueError, OSError, data.DataError, inception.WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         run = None
     if not distributed.all_ok(run is not None):  # with torchrun, a failure anywhere stops all
@@ -390,12 +412,14 @@ def main(argv=None):
     try:
         train(run, sensitive_images, sensitive_labels, args,
               distributed.StopTogether(runs.install_ctrl_c()))
-    except (ValueError, data.DataError, inception.WeightsError) as e:
+    except runs.NotFinite as e:  # resuming would repeat it: its own advice
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, data.DataError, inception.WeightsError) as e:
         print(f"error: {e}; the run so far is saved: fix this, then continue with --resume "
               f"{folder}", file=sys.stderr)
         return 2
-    except runs.StopRequested:
-        run.checkpoint()
+    except runs.StopRequested:  # the run was checkpointed where it stopped
         print(f"stopped; continue with: python train.py --resume {folder}")
         return 130
     finally:

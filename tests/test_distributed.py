@@ -219,6 +219,26 @@ def test_noise_is_added_once_per_step(two_processes):
     assert abs(update.mean().item()) < 6 * expected / math.sqrt(len(update))
 
 
+@pytest.mark.parametrize("variables, words", [
+    (dict(RANK="1"), "RANK=1 and WORLD_SIZE=1"),  # used to print "done", having written nothing
+    (dict(WORLD_SIZE="2"), "without MASTER_ADDR"),  # used to end in a traceback
+    (dict(WORLD_SIZE="2", RANK="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1", LOCAL_RANK="0"),
+     "RANK=2 and WORLD_SIZE=2"),
+    (dict(WORLD_SIZE="two"), "whole numbers"),
+])
+def test_torchrun_variables_without_torchrun_are_refused_in_one_line(
+        mnist_dir, tmp_path, monkeypatch, capsys, variables, words):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    assert train.main(small_run_flags(mnist_dir, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and words in err, err
+    assert not out.exists() and not dist.is_initialized()
+
+
 def test_without_torchrun_nothing_is_set_up(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -232,16 +252,17 @@ def test_without_torchrun_nothing_is_set_up(monkeypatch):
 
 # ------------------------------------------------------------------------- whole runs
 def small_run_flags(mnist_dir, out):
-    """The tiny preset cut to 100 images, 1 warm-up step and 5 DP-SGD steps at q = 0.04."""
+    """The tiny preset cut to 100 images, 1 warm-up step and 20 DP-SGD steps at q = 0.04 (two
+    blocks of runs.DPSGD_BLOCK steps: DP-SGD stops only at a block's end)."""
     return ["--dataset", "mnist", "--eps", "1", "--preset", "tiny", "--seed", "0",
             "--data-dir", mnist_dir, "--out", str(out), "--device", "cpu",
-            "--train-subset", "100", "--batch", "4", "--epochs", "0.2", "--warmup-steps", "1",
+            "--train-subset", "100", "--batch", "4", "--epochs", "0.8", "--warmup-steps", "1",
             "--sample-steps", "1", "--n-samples", "10", "--fid-n", "0"]
 
 
 def stop_at(n, monkeypatch=None):
     """Ctrl-C after n reads of the stop flag (conftest.StopAfter); the loops read it once per
-    step (here 1 warm-up step, then 5 DP-SGD steps) and once per sample batch."""
+    step (here 1 warm-up step, then 20 DP-SGD steps) and once per sample batch."""
     if monkeypatch:
         monkeypatch.setattr(runs, "install_ctrl_c", lambda: StopAfter(n))
     else:
@@ -249,15 +270,16 @@ def stop_at(n, monkeypatch=None):
 
 
 def stopped_and_resumed_worker(rank, out, flags, resume_port):
-    """train.main on each process. Ctrl-C reaches rank 1 alone, after DP-SGD step 2; the run is
-    resumed on two processes and stopped again on rank 0, at the first sample batch (by then
-    rank 1 is done: synthesis is rank 0's alone)."""
+    """train.main on each process. Ctrl-C reaches rank 1 alone, at DP-SGD step 2; every process
+    stops at the end of that block of steps (step 10). The run is resumed on two processes and
+    stopped again on rank 0, at the first sample batch (by then rank 1 is done: synthesis is
+    rank 0's alone)."""
     stop_at(1 + 1 if rank == 1 else 10 ** 9)  # reads: warm-up step, DP-SGD step 1, step 2
     stopped = train.main(flags)
     # rank 0 writes the checkpoint; the others may return before it has
     state = runs.load_checkpoint(out) if rank == 0 else dict(stage=None, step=None)
     os.environ["MASTER_PORT"] = str(resume_port)
-    stop_at(3 if rank == 0 else 10 ** 9)  # reads: DP-SGD steps 3 to 5, the sample batch
+    stop_at(10 if rank == 0 else 10 ** 9)  # reads: DP-SGD steps 11 to 20, the sample batch
     resumed = train.main(["--resume", out])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(dict(stopped=stopped, resumed=resumed, stage=state["stage"],
@@ -279,7 +301,7 @@ def stopped_and_resumed(mnist_dir, tmp_path_factory):
 def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(stopped_and_resumed):
     _, results = stopped_and_resumed
     assert [r["stopped"] for r in results] == [130, 130]  # rank 0 never saw the Ctrl-C
-    assert (results[0]["stage"], results[0]["step"]) == ("train_dpsgd", 2)
+    assert (results[0]["stage"], results[0]["step"]) == ("train_dpsgd", runs.DPSGD_BLOCK)
     assert [r["resumed"] for r in results] == [130, 0]  # stopped in rank 0's synthesis
 
 
@@ -307,7 +329,7 @@ def test_stopped_and_resumed_two_process_run_ends_where_a_one_process_run_ends(
     at lr 1e-3 for 5 steps: an ulp or two of weights below 0.2, under 1e-8; 1e-7 allowed)."""
     two, _ = stopped_and_resumed
     one = tmp_path / "run"
-    stop_at(1 + 5, monkeypatch)  # at the first sample batch, as the two-process run
+    stop_at(1 + 20, monkeypatch)  # at the first sample batch, as the two-process run
     with one_thread():
         assert train.main(small_run_flags(mnist_dir, one)) == 130
     a, b = runs.load_checkpoint(one), runs.load_checkpoint(two)

@@ -7,6 +7,7 @@ is one line with exit status 2 and leaves the run folder byte for byte as it was
 import ast
 import contextlib
 import dataclasses
+import errno
 import gzip
 import hashlib
 import inspect
@@ -14,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -43,8 +45,8 @@ def short_test_set():
     same code in a tenth of the time (the test set's size is not what these tests check)."""
     load = data.load
 
-    def load_short_test_set(name, split="train", data_dir=None):
-        images, labels = load(name, split, data_dir)
+    def load_short_test_set(name, split="train", data_dir=None, trust_files=False):
+        images, labels = load(name, split, data_dir, trust_files)
         return (images[:1000], labels[:1000]) if split == "test" else (images, labels)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -86,6 +88,16 @@ SAMPLE_BATCH = 40  # TINY's 100 samples in three batches (40, 40, 20): stops bet
 # The whole run and its resumed pieces skip FID (seconds of Inception at every start); the
 # stopped run below measures it when it is finished (test_resume_accepts_...).
 NO_FID = ["--fid-n", "0"]
+# 25 DP-SGD steps instead of TINY's 12: DP-SGD writes and stops only at the ends of blocks of
+# runs.DPSGD_BLOCK steps (10 and 25 here), and the resume test stops and resumes inside it.
+DP_STEPS_25 = ["--epochs", "1.25"]
+
+
+def block_ends(total):
+    """The steps after which DP-SGD may show or write anything (runs.Progress): ends of blocks
+    of DPSGD_BLOCK steps counted from 0, the short last block joined to the one before."""
+    block = runs.DPSGD_BLOCK
+    return [s for s in range(block, total, block) if total - s >= block] + [total]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +108,7 @@ def finished_run(mnist_dir, tmp_path_factory):
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.setattr(samplers, "CPU_BATCH", SAMPLE_BATCH)
-        assert train.main(tiny_args(mnist_dir, out, *NO_FID)) == 0
+        assert train.main(tiny_args(mnist_dir, out, *NO_FID, *DP_STEPS_25)) == 0
     return out, printed.getvalue()
 
 
@@ -135,15 +147,19 @@ def test_every_stage_end_to_end(finished_run):
     assert torch.equal(images, torch.cat([p[0] for p in pieces]))
     assert torch.equal(labels, torch.cat([p[1] for p in pieces]))
     assert 0.0 <= report["metrics"]["accuracy"]["test_accuracy"] <= 1.0
+    # The digest of the training data stays in the private checkpoint.
+    digest = runs.load_checkpoint(out)["data_sha256"]
+    assert len(digest) == 64 and digest not in (out / "report.json").read_text()
     # Each stage's time is its own (the last checkpoint follows the evaluation at once).
     timings = report["timings_s"]
     assert list(timings) == [stage.__name__ for stage in train.STAGES] + ["done"]
     assert timings["done"] < timings["evaluate_release"]
-    # Timing side channel: no rate from individual DP-SGD steps, and no DP-SGD progress line
-    # before 10 steps (a step's time grows with its secret batch size).
+    # Timing side channel: no rate from individual DP-SGD steps, and DP-SGD progress lines only
+    # at the ends of blocks of 10 steps (a step's time grows with its secret batch size).
     assert "images/s" not in printed
     dpsgd_lines = [line for line in printed.splitlines() if line.startswith("[train_dpsgd]")]
-    assert dpsgd_lines and all(int(line.split()[2].split("/")[0]) >= 10 for line in dpsgd_lines)
+    steps = [int(line.split()[2].split("/")[0]) for line in dpsgd_lines]
+    assert steps and set(steps) <= set(block_ends(plan["dpsgd"]["steps"]))
     assert all("loss" not in line for line in dpsgd_lines)  # unprivatised statistic
     assert all(" | eps spent " in line for line in dpsgd_lines)  # accounted, shown
     assert dpsgd_lines[-1].split(" | eps spent ")[1].startswith(f"{spent['eps']:.3f}/1")
@@ -180,22 +196,24 @@ def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(finished_run, m
     monkeypatch.setattr(samplers, "CPU_BATCH", SAMPLE_BATCH)
     # The loops read the stop flag once per warm-up step, DP-SGD step and sampler call (and
     # per evaluation progress call); StopAfter(n) lets n reads pass, and each piece counts
-    # from zero. Stop at warm-up step 8, DP-SGD step 11, the second sampler call and the
-    # evaluation's first progress call; resume each.
+    # from zero. Stop at warm-up step 8, DP-SGD step 5 (which stops at the end of its block,
+    # step 10), the second sampler call and the evaluation's first progress call; resume each.
     warmup, dp_steps = TINY.warmup_steps, read_report(whole)["privacy_plan"]["dpsgd"]["steps"]
-    assert warmup > 8 and dp_steps > 11
-    pieces_and_stages = [(7, "warm_up"), (warmup - 8 + 10, "train_dpsgd"),
-                         (dp_steps - 11 + 1, "synthesize"), (1, "evaluate_release"),
+    assert warmup > 8 and block_ends(dp_steps)[0] == 10 < dp_steps
+    pieces_and_stages = [(7, "warm_up"), (warmup - 8 + 4, "train_dpsgd"),
+                         (dp_steps - 10 + 1, "synthesize"), (1, "evaluate_release"),
                          (10 ** 9, "done")]
     for stop_at, stage in pieces_and_stages:
         stop_after(monkeypatch, stop_at)
         if (pieces / "checkpoint.pt").exists():  # the run's own settings and random state
             rc = train.main(["--resume", str(pieces)])
         else:
-            rc = train.main(tiny_args(mnist_dir, pieces, *NO_FID))
+            rc = train.main(tiny_args(mnist_dir, pieces, *NO_FID, *DP_STEPS_25))
         assert rc == (130 if stage != "done" else 0)
         report, state = read_report(pieces), runs.load_checkpoint(pieces)
         assert state["stage"] == stage
+        if stage == "train_dpsgd":
+            assert state["step"] == 10
         # report.json always describes the checkpoint, Ctrl-C included
         assert report["stage"] == state["stage"] and report["privacy_ledger"] == state["ledger"]
     a, b = runs.load_checkpoint(whole), runs.load_checkpoint(pieces)
@@ -242,6 +260,13 @@ def test_secret_entropy_that_agrees_in_the_low_32_bits_gives_different_central_i
     (["--ema", "1"], "--ema"), (["--sample-steps", "1001"], "--sample-steps"),
     (["--no-dpsgd", "--no-central"], "--no-dpsgd"),  # nothing would be trained
     (["--no-dpsgd", "--warmup-steps", "0"], "--no-dpsgd"),
+    # Settings that ran to NaN weights and black samples, or to an ETA of centuries.
+    (["--lr", "1e30"], "--lr"), (["--lr", "2"], "--lr"), (["--clip", "1e38"], "--clip"),
+    (["--clip", "1e-30"], "--clip"), (["--n-samples", "1000000000000"], "--n-samples"),
+    (["--guidance", "1e30"], "--guidance"), (["--epochs", "1e9"], "--epochs"),
+    (["--central-sigma", "1e30"], "--central-sigma"),
+    # An empty folder name is no folder; a resumed run stays in its own.
+    (["--out", ""], "--out"), (["--resume", ""], "--resume"), (["--resume", "x"], "--out"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(mnist_dir, tmp_path, capsys, flags, word):
     out = tmp_path / "run"
@@ -250,6 +275,13 @@ def test_bad_arguments_give_one_line_and_status_2(mnist_dir, tmp_path, capsys, f
     assert exit_.value.code == 2
     one_line_error(capsys, word)
     assert not out.exists()  # nothing written
+
+
+def test_resume_refuses_overwrite(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--resume", str(tmp_path), "--overwrite"])
+    assert exit_.value.code == 2
+    one_line_error(capsys, "--overwrite")
 
 
 def test_missing_data_and_unwritable_folder(tmp_path, mnist_dir, capsys):
@@ -287,10 +319,30 @@ def test_damaged_or_wrong_data_gives_one_line(mnist_dir, tmp_path, capsys, damag
     assert not out.exists()
 
 
+@pytest.mark.parametrize("case", ["FashionMNIST given MNIST", "test files named as training"])
+def test_files_that_are_not_the_datasets_official_ones_are_refused_unless_trusted(
+        mnist_dir, tmp_path, capsys, monkeypatch, case):
+    """Files of the right format and shape can still be another dataset's or another split's:
+    only their size and digest tell. --trust-data-files takes them knowingly."""
+    folder, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(mnist_dir, folder)
+    dataset = "fashionmnist" if case == "FashionMNIST given MNIST" else "mnist"
+    if case == "test files named as training":
+        for kind in ("images-idx3", "labels-idx1"):
+            shutil.copy(folder / f"t10k-{kind}-ubyte.gz", folder / f"train-{kind}-ubyte.gz")
+    args = tiny_args(str(folder), out, "--dataset", dataset, *NO_FID)
+    assert train.main(args) == 2
+    one_line_error(capsys, str(folder / "train-images-idx3-ubyte.gz"), "--trust-data-files")
+    assert not out.exists()
+    stop_after(monkeypatch, 0)  # at the first warm-up step: the data were taken
+    assert train.main(args + ["--trust-data-files"]) == 130
+
+
 # ------------------------------------------------------------------------- resume rules
 @pytest.fixture(scope="module")
 def stopped_in_dpsgd(mnist_dir, tmp_path_factory):
-    """One run stopped by Ctrl-C in DP-SGD (after all warm-up steps and 5 DP-SGD steps);
+    """One run stopped by Ctrl-C in DP-SGD (after all warm-up steps and at DP-SGD step 6,
+    which stops at the end of its block: here TINY's last step, the stage not yet finished);
     each test works on its own copy."""
     out = tmp_path_factory.mktemp("stopped") / "run"
     with pytest.MonkeyPatch.context() as patch:
@@ -333,6 +385,63 @@ def test_resume_accepts_settings_of_stages_not_yet_run(stopped_in_dpsgd, tmp_pat
     assert train.main(["--resume", str(out), "--n-samples", "40"]) == 2  # already sampled
     one_line_error(capsys, "--n-samples")
     assert folder_digest(out) == digest
+
+
+def test_resume_refuses_sampling_settings_once_sampling_has_started(
+        stopped_in_dpsgd, tmp_path, monkeypatch, capsys):
+    """With some samples drawn, other sampling settings would mix two kinds of images in one
+    release, or report a number of samples that samples.npz does not hold."""
+    out, _ = stopped_run(stopped_in_dpsgd, tmp_path)
+    monkeypatch.setattr(samplers, "CPU_BATCH", SAMPLE_BATCH)
+    stop_after(monkeypatch, 0)  # read after the first sample batch: stop there
+    assert train.main(["--resume", str(out)]) == 130
+    state = runs.load_checkpoint(out)
+    assert (state["stage"], state["step"]) == ("synthesize", SAMPLE_BATCH)
+    digest = folder_digest(out)
+    for flag, value in (("--n-samples", "30"), ("--guidance", "3"), ("--sample-steps", "3"),
+                        ("--solver", "ddim")):
+        assert value != str(getattr(TINY, flag[2:].replace("-", "_")))  # a change
+        assert train.main(["--resume", str(out), flag, value]) == 2
+        one_line_error(capsys, flag, "not yet started")
+        assert folder_digest(out) == digest
+
+
+def test_resume_on_other_training_data_is_refused(mnist_dir, stopped_in_dpsgd, tmp_path,
+                                                  capsys):
+    """The same number of images, one label changed: a run must not continue on other data.
+    (The changed file is not the official one either; trusted, its digest still differs from
+    the one the checkpoint keeps.)"""
+    out, digest = stopped_run(stopped_in_dpsgd, tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(mnist_dir, other)
+    labels = other / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(labels.read_bytes()))
+    raw[8] = (raw[8] + 1) % 10  # the first label (after magic and count) moves to another class
+    labels.write_bytes(gzip.compress(bytes(raw)))
+    assert train.main(["--resume", str(out), "--data-dir", str(other)]) == 2
+    one_line_error(capsys, str(labels), "official")
+    assert train.main(["--resume", str(out), "--data-dir", str(other), "--trust-data-files"]) == 2
+    one_line_error(capsys, "--data-dir", "not the training images")
+    assert folder_digest(out) == digest
+
+
+def test_one_run_per_folder(mnist_dir, stopped_in_dpsgd, tmp_path, capsys):
+    """While a run holds its folder (here the test holds the lock, as a live run would), a
+    second run into it, an --overwrite of it and a --resume of it are refused in one line,
+    before anything in the folder changes. (Two runs started together used to share the
+    folder, and both wrote the same temporary checkpoint.)"""
+    out, digest = stopped_run(stopped_in_dpsgd, tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (out, empty):
+        with runs.lock_folder(str(folder), "--out"):
+            for args in (tiny_args(mnist_dir, folder, *NO_FID),
+                         tiny_args(mnist_dir, folder, *NO_FID, "--overwrite"),
+                         ["--resume", str(folder)]):
+                assert train.main(args) == 2
+                one_line_error(capsys, "in use by another run")
+    assert folder_digest(out) == digest
+    assert os.listdir(empty) == [runs.LOCK]
 
 
 def test_a_new_run_never_overwrites_a_run(mnist_dir, stopped_in_dpsgd, tmp_path, monkeypatch,
@@ -405,12 +514,160 @@ def test_a_missing_weights_file_fails_early_and_loses_nothing(mnist_dir, stopped
     assert folder_digest(out) == digest
 
 
+# ------------------------------------------------------------------------- what others see
+def dpsgd_steps_done(ledger):
+    return sum(entry["steps"] for entry in ledger["entries"] if entry["name"] == "DP-SGD")
+
+
+@pytest.mark.parametrize("ctrl_c_at_step", [None, 1])
+def test_an_observer_of_the_run_folder_never_times_fewer_than_a_block_of_dpsgd_steps(
+        mnist_dir, tmp_path, monkeypatch, ctrl_c_at_step):
+    """report.json is rewritten with every checkpoint. Someone who re-reads it (or looks at the
+    files' modification times) after every write, with checkpoints as often as can be asked,
+    must see DP-SGD advance only by whole blocks of steps, also when Ctrl-C comes during its
+    first step: a step's time grows with its secret batch size (timings of single steps
+    correlated with the realised batch sizes at r = 0.97)."""
+    seen = []  # (DP-SGD steps in the ledger, the report's DP-SGD time) at each write
+    for module, name in ((runs, "write_report"), (runs, "save_checkpoint")):
+        def observed(folder, content, write=getattr(module, name), name=name):
+            write(folder, content)
+            ledger = content["privacy_ledger" if name == "write_report" else "ledger"]
+            seen.append((name, dpsgd_steps_done(ledger),
+                         content.get("timings_s", content.get("timings")).get("train_dpsgd")))
+        monkeypatch.setattr(module, name, observed)
+    # --no-central: DP-SGD's steps first; stop at its last step, or at its first one.
+    stop_after(monkeypatch, 25 - 1 if ctrl_c_at_step is None else ctrl_c_at_step - 1)
+    assert train.main(tiny_args(mnist_dir, tmp_path / "run", "--no-central", "--fid-n", "0",
+                                "--checkpoint-minutes", "1e-9", *DP_STEPS_25)) == 130
+    ends = block_ends(25)
+    assert {steps for _, steps, _ in seen} == {0} | (set(ends) if ctrl_c_at_step is None
+                                                      else {ends[0]})
+    for (_, steps_a, time_a), (_, steps_b, time_b) in zip(seen, seen[1:]):
+        assert steps_b == steps_a or steps_b in ends  # each write after a whole block
+        if steps_b != steps_a:
+            assert time_b != time_a  # (the timing is in the report, and changed with it)
+    assert dpsgd_steps_done(read_report(tmp_path / "run")["privacy_ledger"]) == seen[-1][1]
+
+
+@pytest.fixture
+def quiet_signals():
+    """Put the test process's handlers back after a test that lets train.py install its own;
+    until it does, the signals do nothing (not end pytest)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for s in saved:
+        signal.signal(s, lambda signum, frame: None)
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_checkpoint_and_stop_like_ctrl_c(mnist_dir, tmp_path, monkeypatch,
+                                                           quiet_signals, signum):
+    """Schedulers send SIGTERM a while before they kill a job: a run must checkpoint at the
+    next step boundary and exit, as on Ctrl-C, not lose the work since its last checkpoint."""
+    augmented, augment = [], train.central.augment
+
+    def augment_and_signal(*args, **kwargs):  # warm-up step 3 gets the signal
+        augmented.append(1)
+        if len(augmented) == 3:
+            os.kill(os.getpid(), signum)
+        return augment(*args, **kwargs)
+
+    monkeypatch.setattr(train.central, "augment", augment_and_signal)
+    out = tmp_path / "run"
+    assert train.main(tiny_args(mnist_dir, out, *NO_FID)) == 130
+    state = runs.load_checkpoint(out)
+    assert (state["stage"], state["step"]) == ("warm_up", 3)
+
+
+@pytest.mark.parametrize("stage, nan_after", [("warm_up", 3), ("train_dpsgd", 3)])
+def test_weights_that_turn_nan_stop_the_run_and_keep_the_last_good_checkpoint(
+        mnist_dir, tmp_path, monkeypatch, capsys, stage, nan_after):
+    """--lr 1e30 or --clip 1e38 ended with all-black samples, exit 0 and "done". Whatever makes
+    the weights NaN (here one weight, set after an optimizer step of the stage), the run stops
+    with one line and exit 2, and its last checkpoint, saved before, stays: with checkpoints
+    at every chance, the one after warm-up step 2, or after the warm-up for DP-SGD (whose
+    weights are checked at the end of each block of steps)."""
+    steps, adam_step = [], torch.optim.Adam.step
+    first = 0 if stage == "warm_up" else TINY.warmup_steps
+
+    def step_then_nan(self, *args, **kwargs):
+        result = adam_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == first + nan_after:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_nan)
+    out = tmp_path / "run"
+    assert train.main(tiny_args(mnist_dir, out, *NO_FID, "--checkpoint-minutes", "1e-9")) == 2
+    one_line_error(capsys, "NaN or inf", stage)
+    state, report = runs.load_checkpoint(out), read_report(out)
+    assert (state["stage"], state["step"]) == ((stage, nan_after - 1) if stage == "warm_up"
+                                               else (stage, 0))
+    assert report["stage"] == state["stage"] and report["privacy_ledger"] == state["ledger"]
+    assert all(torch.isfinite(w).all() for w in state["model"].values())
+    assert not (out / "samples.npz").exists()
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes_when_there_is_room(
+        mnist_dir, tmp_path, monkeypatch, capsys):
+    """The disk fills while samples.png is written: one line, the checkpoint as it was, no
+    half-written or temporary file; with room again, --resume finishes the run."""
+    atomic_write, full = runs.atomic_write, [True]
+
+    def disk_fills_at_samples_png(path, write, mode="wb"):
+        def write_then_fail(f):
+            write(f)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fails = full[0] and os.path.basename(path) == "samples.png"
+        return atomic_write(path, write_then_fail if fails else write, mode)
+
+    monkeypatch.setattr(runs, "atomic_write", disk_fills_at_samples_png)
+    out = tmp_path / "run"
+    assert train.main(tiny_args(mnist_dir, out, *NO_FID, "--no-central")) == 2
+    one_line_error(capsys, "No space left on device", "samples.png", f"--resume {out}")
+    assert not (out / "samples.png").exists()
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    assert runs.load_checkpoint(out)["stage"] == "synthesize"
+    full[0] = False
+    assert train.main(["--resume", str(out)]) == 0
+    assert (out / "samples.png").exists() and read_report(out)["stage"] == "done"
+
+
+@pytest.mark.parametrize("problem", ["read-only disk", "report.json is a folder"])
+def test_a_resume_that_cannot_write_is_one_line_and_loses_nothing(
+        stopped_in_dpsgd, tmp_path, monkeypatch, capsys, problem):
+    out, digest = stopped_run(stopped_in_dpsgd, tmp_path)
+    before = runs.load_checkpoint(out)
+    if problem == "read-only disk":  # (the tests run as root, whom permissions do not stop)
+        def read_only(path, write, mode="wb"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        monkeypatch.setattr(runs, "atomic_write", read_only)
+    else:
+        os.remove(out / "report.json")
+        os.mkdir(out / "report.json")
+        digest = None
+    assert train.main(["--resume", str(out)]) == 2
+    one_line_error(capsys, "report.json" if digest is None else "checkpoint.pt")
+    after = runs.load_checkpoint(out)
+    assert (after["stage"], after["step"], after["ledger"]) == (
+        before["stage"], before["step"], before["ledger"])
+    assert digest is None or folder_digest(out) == digest
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+
+
 # ------------------------------------------------------------------------- data flow
 def test_only_the_two_mechanisms_read_the_sensitive_set():
     """The privacy argument in the code's shape: in train.py the sensitive arrays (loaded in
-    main) are passed only to `train`, which hands them only to release_central_images and
-    train_dpsgd; nothing else reads them. len() (N, public) is allowed in main."""
+    start_and_train) are passed only to `train`, which hands them only to
+    release_central_images and train_dpsgd; nothing else reads them. Where they are loaded,
+    len() (N, public) and data.digest (kept in the private checkpoint only, to refuse a resume
+    on other data; test_every_stage_end_to_end checks that the report lacks it) are allowed."""
     sensitive = {"sensitive_images", "sensitive_labels"}
+    loader = train.start_and_train.__name__
     readers = {"release_central_images", "train_dpsgd"}
     tree = ast.parse(inspect.getsource(train))
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
@@ -420,13 +677,14 @@ def test_only_the_two_mechanisms_read_the_sensitive_set():
                     function.name in readers):
                 continue
             parent = parents[node]
-            if isinstance(node.ctx, ast.Store):  # main: loading the data, taking the subset
-                assert function.name == "main", (function.name, node.lineno)
+            if isinstance(node.ctx, ast.Store):  # loading the data, taking the subset
+                assert function.name == loader, (function.name, node.lineno)
                 continue
-            callee = getattr(getattr(parent, "func", None), "id", None)
-            ok = isinstance(parent, ast.Call) and (
-                callee in readers | {"train"} or (callee == "len" and function.name == "main"))
-            ok = ok or (function.name == "main" and isinstance(parent, ast.Subscript))  # subset
+            func = getattr(parent, "func", None)
+            callee = getattr(func, "id", None) or ast.unparse(func) if func else None
+            ok = isinstance(parent, ast.Call) and (callee in readers | {"train"} or (
+                callee in ("len", "data.digest") and function.name == loader))
+            ok = ok or (function.name == loader and isinstance(parent, ast.Subscript))  # subset
             assert ok, f"{function.name} uses {node.id} at line {node.lineno}"
     # and the two readers are the ones that get the secret generator
     assert "secret" in inspect.signature(train.release_central_images).parameters
