@@ -43,6 +43,8 @@ import warnings
 import numpy as np
 from scipy.special import gammaln, gammasgn, log_ndtr, logsumexp
 
+import cli
+
 # The default grid (the same as Google's dp_accounting): 1.1..10.9 by 0.1, 11..63, and a few
 # large orders. Few steps or large sigma want large orders: the central-image stage alone
 # (q = 0.1, sigma = 5, 5 steps) picks 63, so a grid ending there could not see past it.
@@ -312,11 +314,6 @@ class PrivacyLedger:
 
 
 # ---------------------------------------------------------------- command line
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
-        self.exit(2, f"error: {message}\n")
-
-
 def _stage(text):
     parts = text.split(",")
     if len(parts) != 3:
@@ -350,7 +347,7 @@ def _answer(args):
 
 
 def main(argv=None):
-    parser = _OneLineParser(
+    parser = cli.OneLineParser(
         description="Epsilon spent by Poisson-subsampled Gaussian mechanisms (RDP accountant),\n"
                     "or the smallest sigma that meets a target epsilon. Prints one line.",
         epilog="examples:\n"

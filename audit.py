@@ -48,7 +48,6 @@ This audit misses bugs that change eps by 2-4x (noise halved, a sampling rate 3x
 those, `python audit.py --trials` runs the many-trial audit of audit_trials.py: the same white-box
 canaries in millions of independent trials, each mechanism as it is and with each bug.
 """
-import argparse
 import sys
 from dataclasses import dataclass
 
@@ -59,6 +58,7 @@ from torch import nn
 
 import accountant
 import audit_trials
+import cli
 import central
 import dpsgd
 import randomness
@@ -211,13 +211,8 @@ MECHANISMS = (("DP-SGD", audit_dpsgd, 0.1, 100), ("central images", audit_centra
 TARGET_EPS = (1.0, 4.0, 10.0)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
-        self.exit(2, f"error: {message}\n")
-
-
 def main(argv=None):
-    parser = _OneLineParser(description="Privacy audits of DP-SGD and the central images: "
+    parser = cli.OneLineParser(description="Privacy audits of DP-SGD and the central images: "
                                         "empirical lower bounds on epsilon next to the "
                                         "accountant's. Default: the one-run audit (Steinke et al. "
                                         "2023) at claims of eps = 1, 4, 10, about a minute on 2 "

@@ -22,13 +22,13 @@ its only caller is `noisy_class_means`, which adds the noise before anything els
 image, magnitude drawn from 1..M (3 for grayscale, 9 for colour), re-drawn on every call. It
 only ever touches released images.
 """
-import argparse
 import math
 import sys
 
 import torch
 import torch.nn.functional as F
 
+import cli
 import randomness
 
 
@@ -253,7 +253,7 @@ def save_pictures(central, central_labels, num_classes, out_dir, generator):
 def main(argv=None):
     import os
     import data
-    parser = argparse.ArgumentParser(description="Release DP-FETA central images and save PNGs.")
+    parser = cli.OneLineParser(description="Release DP-FETA central images and save PNGs.")
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", required=True)

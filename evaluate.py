@@ -26,7 +26,6 @@ prints both numbers and writes them to SAMPLES.eval.json. Bad input (a corrupt f
 that do not fit, an unusable device or output path) is reported in one line, exit status 2,
 before any minutes are spent on Inception features or the classifier.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
 from classifier import classifier_accuracy
 from inception import WeightsError, load_inception
@@ -244,14 +244,6 @@ def _first_line(error):
 
 # ---------------------------------------------------------------------------------------------
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument (e.g. `--n abc`) in one line, not the whole usage
-    block, with exit status 2 as argparse does."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def check_device(name):
     """The torch.device called `name` (None: cuda when available, else cpu) if this machine
     has it, else one ValueError line."""
@@ -309,7 +301,7 @@ def load_samples(path, dataset):
 
 
 def main(argv=None):
-    parser = _OneLineParser(prog="evaluate.py",
+    parser = cli.OneLineParser(prog="evaluate.py",
                             description="FID and accuracy of synthetic images.")
     parser.add_argument("samples", help="a samples file: .npz with 'images' (uint8 NxHxW or "
                         "NxHxWxC) and 'labels'")
@@ -355,7 +347,7 @@ def main(argv=None):
         with open(out, "w") as f:
             json.dump(result, f, indent=2)
     except (WeightsError, ValueError, data.DataError, OSError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"FID {fid_value:.4f} ({n} samples vs {n} {args.dataset} training images); "
           f"accuracy {accuracy['test_accuracy']:.4f} (epoch {accuracy['best_epoch']}); "

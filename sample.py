@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+import cli
 import data
 import diffusion
 import evaluate
@@ -49,7 +50,7 @@ def load_trained_model(folder):
 
 
 def main(argv=None):
-    p = settings.OneLineParser(prog="sample.py", description=__doc__.split("\n\n")[0])
+    p = cli.OneLineParser(prog="sample.py", description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a run folder of train.py that has finished DP-SGD")
     p.add_argument("--n", type=int, required=True, help="number of images (labels uniform)")
     p.add_argument("--out", help="output .npz (default: RUN/more_samples.npz)")
@@ -85,7 +86,7 @@ def main(argv=None):
             print(f"sampled {sum(map(len, labels))}/{args.n}", flush=True)
         evaluate.save_samples(out, torch.cat(images), torch.cat(labels))
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.n} images to {out} (no privacy spent: post-processing of the run's model)")
     return 0

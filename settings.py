@@ -14,6 +14,7 @@ import re
 
 import torch
 
+import cli
 import data
 import diffusion
 import samplers
@@ -35,13 +36,13 @@ class Config:
     model: str = "paper"           # UNet size: paper (1.4 M parameters) or small (0.27 M)
     batch: int = 4000              # expected (Poisson) batch size of DP-SGD: q = batch / N
     epochs: float = 150.0          # DP-SGD epochs: steps = epochs * N / batch
-    timesteps: str = "uniform"     # training timestep law: uniform (DDPM), noisy (P(t)~t), lognormal
+    timesteps: str = "uniform"     # training t: uniform (DDPM), noisy (P(t) ~ t) or lognormal (EDM)
     noise_draws: int = 32          # diffusion noise draws K per example, averaged before clipping
     lr: float = 3e-4               # Adam learning rate (warm-up and DP-SGD)
     clip: float = 1.0              # per-example gradient clipping norm C
     ema: float = 0.999             # EMA decay of the weights during DP-SGD
     chunk: int = 256               # examples per per-example-gradient pass (a GPU may use fewer)
-    autocast: bool = False         # bf16 network in DP-SGD and sampling (clipping and noise: fp32)
+    autocast: bool = False         # bf16 network in DP-SGD and sampling (clipping and noise: fp64)
     sample_steps: int = 0          # deterministic sampler's steps (0: 1000-step ancestral DDPM)
     solver: str = "ddim"           # deterministic sampler: ddim or dpm2m (DPM-Solver++(2M))
     guidance: float = 0.0          # classifier-free guidance weight w (0: plain conditional model)
@@ -56,13 +57,14 @@ class Config:
 # (11 to 20 hours on 3 to 4 GPUs). Expected batch 4000 of 60000 is q = 1/15; 150 epochs are 2250
 # DP-SGD steps.
 PAPER = Config()
-# 2-core laptop CPU: the small UNet, one noise draw, 205 steps at batch 1024, 2000 synthetic
-# images. Chosen by hand to fit the time. MNIST at eps = 1: 81.0 % accuracy, FID 135.6 (1k vs
-# 1k), 23.4 minutes (README: Results; measured with DDIM-25 sampling). The sampler is
-# DPM-Solver++(2M) with 15 steps: FID within seed-to-seed noise of DDIM-25 on one trained model,
-# 0.6x its network calls (README: Speed).
+# A 2-core CPU: the small UNet, one noise draw, 205 DP-SGD steps at expected batch 1024, 2000
+# synthetic images drawn by DPM-Solver++(2M) in 15 steps; chosen by hand to fit about half an
+# hour (its results: README; how it was chosen: bench/README.md). bf16 autocast only where the
+# CPU has bf16 kernels (AVX-512 or AMX): elsewhere bf16 is emulated, and a pass of the small
+# UNet took 14x as long as in float32 (an AVX2 CPU; bench/README.md).
+CPU_HAS_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 CPU = dataclasses.replace(PAPER, model="small", warmup_steps=1200, batch=1024, epochs=3.5,
-                          noise_draws=1, chunk=64, autocast=True, lr=1e-3, ema=0.97,
+                          noise_draws=1, chunk=64, autocast=CPU_HAS_BF16, lr=1e-3, ema=0.97,
                           solver="dpm2m", sample_steps=15, guidance=1.0, n_samples=2000,
                           fid_n=1000, classifier_epochs=10, classifier_lr=1e-3)
 # Every stage in about a minute (the tests): 12 warm-up steps, 12 DP-SGD steps at expected
@@ -74,15 +76,10 @@ TINY = dataclasses.replace(CPU, central_queries=2, warmup_steps=12, warmup_batch
 PRESETS = {"paper": PAPER, "cpu": CPU, "tiny": TINY}
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, without argparse's usage block
-        self.exit(2, f"error: {message}\n")
-
-
 def parse_args(argv=None, description=None):
     comments = re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(Config), re.M)
     help_of = dict(comments)
-    p = OneLineParser(description=description,
+    p = cli.OneLineParser(description=description,
                       epilog="Settings left out come from the preset; a resumed run keeps its own.")
 
     def setting(flag, **kwargs):  # a Config field: its comment and the presets' values as help

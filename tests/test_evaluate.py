@@ -454,7 +454,7 @@ def test_cli_refuses_bad_input_in_one_line_before_any_slow_work(case, tmp_path, 
     if spoil:
         spoil(samples)
     code, err = run_cli([str(samples), "--dataset", "mnist", "--device", "cpu", *extra], capsys)
-    assert code == 2 and err.startswith("evaluate.py: error:")
+    assert code == 2 and err.startswith("error:")
     assert all(needle in err for needle in needles), err
 
 
@@ -473,7 +473,7 @@ def test_cli_checks_its_output_file_first_and_leaves_no_stray_file(tmp_path, cap
     def stop(*args, **kwargs):
         raise inception.WeightsError("stopped at the weights")
     monkeypatch.setattr(evaluate, "load_inception", stop)
-    assert run_cli(argv, capsys) == (2, "evaluate.py: error: stopped at the weights")
+    assert run_cli(argv, capsys) == (2, "error: stopped at the weights")
     assert not out.exists()
     out.write_text("earlier results")
     assert run_cli(argv, capsys)[0] == 2 and out.read_text() == "earlier results"
