@@ -256,6 +256,8 @@ def main(argv=None):
     parser = cli.OneLineParser(description="Release DP-FETA central images and save PNGs.")
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--trust-data-files", action="store_true",
+                        help="accept dataset files that are not the official ones, knowingly")
     parser.add_argument("--out", required=True)
     parser.add_argument("--q", type=float, default=0.1)
     parser.add_argument("--sigma", type=float, default=5.0)
@@ -266,7 +268,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         os.makedirs(args.out, exist_ok=True)  # a folder we cannot write fails before the release
-        images, labels = data.load(args.dataset, "train", args.data_dir)
+        images, labels = data.load(args.dataset, "train", args.data_dir, args.trust_data_files)
         info = data.INFO[args.dataset]
         secret = randomness.secret_generator(args.seed)
         central, central_labels, mechanism = central_images(

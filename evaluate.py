@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import cli
 import data
+import runs
 from classifier import classifier_accuracy
 from inception import WeightsError, load_inception
 
@@ -190,9 +191,8 @@ def reference_stats(images, cache_path=None, device=None, weights=None, model=No
     check_writable(cache_path)  # fail now, not after minutes of features
     mu, sigma = feature_statistics(inception_features(images, batch_size, device, weights,
                                                       model, progress))
-    with open(cache_path + ".part", "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, count=len(images), images_sha256=fingerprint)
-    os.replace(cache_path + ".part", cache_path)
+    runs.atomic_write(cache_path, lambda f: np.savez(
+        f, mu=mu, sigma=sigma, count=len(images), images_sha256=fingerprint))
     return mu, sigma
 
 
@@ -273,10 +273,8 @@ def save_samples(path, images, labels):
     labels = torch.as_tensor(labels).long().numpy()
     if labels.shape != images.shape[:1]:
         raise ValueError(f"labels: need one per image, got {labels.shape} for {len(images)}")
-    with open(path + ".part", "wb") as f:
-        np.savez_compressed(f, images=images[..., 0] if images.shape[-1] == 1 else images,
-                            labels=labels)
-    os.replace(path + ".part", path)
+    runs.atomic_write(path, lambda f: np.savez_compressed(
+        f, images=images[..., 0] if images.shape[-1] == 1 else images, labels=labels))
 
 
 def load_samples(path, dataset):
@@ -307,6 +305,9 @@ def main(argv=None):
                         "NxHxWxC) and 'labels'")
     parser.add_argument("--dataset", required=True, choices=sorted(data.INFO))
     parser.add_argument("--data-dir", default=None, help="folder with the dataset's files")
+    parser.add_argument("--trust-data-files", action="store_true",
+                        help="accept dataset files that are not the official ones: your own "
+                             "data, knowingly")
     parser.add_argument("--n", type=int, default=None,
                         help="images per side for FID: the first N samples against the first "
                              "N training images (default: all samples)")
@@ -331,8 +332,9 @@ def main(argv=None):
             raise ValueError(f"--n: need 2..{len(images)} (the number of samples), got {n}")
         check_writable(out)
         model = load_inception(args.inception, device)
-        train_images, _ = data.load(args.dataset, "train", args.data_dir)
-        test_images, test_labels = data.load(args.dataset, "test", args.data_dir)
+        train_images, _ = data.load(args.dataset, "train", args.data_dir, args.trust_data_files)
+        test_images, test_labels = data.load(args.dataset, "test", args.data_dir,
+                                             args.trust_data_files)
         if n > len(train_images):
             raise ValueError(f"--n: {args.dataset} has {len(train_images)} training images, "
                              f"got {n}")
