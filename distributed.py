@@ -177,3 +177,33 @@ def finish():
     """Leave the process group (after DP-SGD: rank 0 goes on alone)."""
     if started():
         dist.destroy_process_group()
+
+
+class Team:
+    """The run's processes, as train.py sees them: created once, and passed where a stage
+    differs between processes. For one process (no torchrun) every method returns at once."""
+
+    @property
+    def is_main(self):
+        return is_main()
+
+    def start(self):
+        start()
+
+    def device_of(self, device):
+        return device_of_this_process(device)
+
+    def all_ok(self, ok):
+        return all_ok(ok)
+
+    def from_rank0(self, obj):
+        return from_rank0(obj)
+
+    def take_rank0_state(self, model, *generators):
+        take_rank0_state(model, *generators)
+
+    def stop_together(self, stop):
+        return StopTogether(stop)
+
+    def finish(self):
+        finish()

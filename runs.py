@@ -30,6 +30,11 @@ import time
 
 import torch
 
+# The stages of train.py in order, then "done": a checkpoint names the stage it is at by these
+# strings, so they are the checkpoint format (settings, sample.py and bench/ use them too).
+STAGES = ("release_central_images", "warm_up", "train_dpsgd", "synthesize", "evaluate_release",
+          "done")
+TRAINED = STAGES[STAGES.index("synthesize"):]  # the stages at which training is over
 CHECKPOINT = "checkpoint.pt"
 REPORT = "report.json"
 LOCK = ".lock"  # empty; held with flock while a run is live (never removed: see lock_folder)
@@ -116,6 +121,16 @@ def _clear_folder(folder, overwrite):
         os.remove(os.path.join(folder, ".writable"))
     except OSError as e:
         raise ValueError(f"--out: cannot write to {folder} ({e.strerror})") from None
+
+
+def resume(folder, held, locks):
+    """The checkpoint in `folder` (None for a new run, folder None). If `locks` (the process
+    that writes), the folder is locked first, for as long as `held` (an ExitStack) lasts."""
+    if folder is None:
+        return None
+    if locks:
+        held.enter_context(lock_folder(folder, "--resume"))
+    return load_checkpoint(folder)
 
 
 def save_checkpoint(folder, state):
@@ -235,16 +250,17 @@ class Run:
     """One run's state, which is what its checkpoint holds: settings (a Config), privacy plan,
     model, optimizer, EMA, the secret and public generators, the privacy ledger, the stage and
     step reached, and what the stages produced so far (central images, sample batches, metrics).
-    train.py builds it (`new_run`); its stages fill it."""
+    train.py builds it (`new_run`); its stages fill it (`run_stage`)."""
 
-    def __init__(self, folder, stage_names, cfg, plan, device, model, ddpm, optimizer, ema,
-                 secret, public, seeded, ledger):
-        self.folder, self.stage_names, self.cfg, self.plan = folder, stage_names, cfg, plan
+    def __init__(self, folder, cfg, plan, device, model, ddpm, optimizer, ema, secret, public,
+                 seeded, ledger):
+        self.folder, self.cfg, self.plan = folder, cfg, plan
         self.device, self.model, self.ddpm = torch.device(device), model, ddpm
         self.optimizer, self.ema, self.secret, self.public = optimizer, ema, secret, public
         self.seeded, self.ledger = seeded, ledger
         self.options = dict(device=str(self.device))  # where things are: device, data, weights
         self.writes = True  # False on all but one of the processes of a distributed run
+        self.stop, self.checkpoint_minutes = None, 10.0  # the flag of install_ctrl_c; its period
         self.stage, self.step, self.central, self.pieces = 0, 0, None, []
         self.metrics, self.timings, self.clock = {}, {}, time.time()
         self.data_digest = None  # data.digest of the training data (private, like all here)
@@ -252,9 +268,26 @@ class Run:
     def path(self, name):
         return os.path.join(self.folder, name)
 
+    def run_stage(self, name, body):
+        """body() unless the run is past stage `name` (a resumed run); then the time is the
+        stage's, the run moves to the next stage, and a checkpoint saves it. A stage stopped
+        half-way continues from its saved step: body() reads self.step."""
+        if self.stage > STAGES.index(name):
+            return
+        body()
+        self.tally_time()  # the time so far is this stage's, not the next one's
+        self.stage, self.step = STAGES.index(name) + 1, 0
+        self.checkpoint()
+
+    def progress(self, total, block=1):
+        """A Progress for this stage's loop, from the step reached; it also stops the run on
+        NaN or inf weights (check_weights)."""
+        return Progress(STAGES[self.stage], self.step, total, self.checkpoint, self.stop,
+                        self.checkpoint_minutes, block=block, check=self.check_weights)
+
     def tally_time(self):
         """Add the wall-clock time since the last tally to the stage in progress."""
-        name = self.stage_names[self.stage]
+        name = STAGES[self.stage]
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - self.clock
         self.clock = time.time()
 
@@ -264,7 +297,7 @@ class Run:
         before every checkpoint, so such weights are never saved over the last good ones."""
         if all(torch.isfinite(p).all() for p in self.model.parameters()):
             return
-        raise NotFinite(f"the weights are NaN or inf after {self.stage_names[self.stage]} step "
+        raise NotFinite(f"the weights are NaN or inf after {STAGES[self.stage]} step "
                         f"{self.step if step is None else step}: training diverged (--lr or "
                         f"--clip too large?); the last checkpoint is kept, but a resume would "
                         f"repeat the same steps: start a new run with other settings")
@@ -277,7 +310,7 @@ class Run:
         if not self.writes:
             return
         self.tally_time()
-        name = self.stage_names[self.stage]
+        name = STAGES[self.stage]
         settings = dataclasses.asdict(self.cfg)
         save_checkpoint(self.folder, dict(
             cfg=settings, plan=self.plan, options=self.options, seeded=self.seeded,
@@ -305,9 +338,9 @@ class Run:
                              f"({type(e).__name__}: {reason})") from None
 
     def _restore(self, state):
-        if state["stage"] not in self.stage_names or type(state["step"]) is not int:
+        if state["stage"] not in STAGES or type(state["step"]) is not int:
             raise ValueError(f"unknown stage {state['stage']!r} or step {state['step']!r}")
-        self.stage, self.step = self.stage_names.index(state["stage"]), state["step"]
+        self.stage, self.step = STAGES.index(state["stage"]), state["step"]
         self.model.load_state_dict(state["model"])  # strict: names and shapes
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -39,7 +39,7 @@ def load_trained_model(folder):
         stage = state["stage"]
     except (KeyError, TypeError):
         raise ValueError(f"{folder}: the checkpoint holds no valid settings") from None
-    if stage not in ("synthesize", "evaluate_release", "done"):
+    if stage not in runs.TRAINED:
         raise ValueError(f"{folder}: the run has not finished training (it is at stage "
                          f"'{stage}'); continue it with: python train.py --resume {folder}")
     info = data.INFO[cfg.dataset]

@@ -17,6 +17,7 @@ import torch
 import cli
 import data
 import diffusion
+import runs
 import samplers
 
 
@@ -145,32 +146,32 @@ def parse_args(argv=None, description=None):
     return args
 
 
-# Settings that only change what happens after training, with the train.py stage that uses
-# them: a resumed run may change them while that stage has not started (once it has, its
-# output so far was made with them, and a change would mix two settings in one release).
+# Settings that only change what happens after training, with the train.py stage (runs.STAGES)
+# that uses them: a resumed run may change them while that stage has not started (once it has,
+# its output so far was made with them, and a change would mix two settings in one release).
 AFTER_TRAINING = dict(n_samples="synthesize", sample_steps="synthesize", solver="synthesize",
                       guidance="synthesize", fid_n="evaluate_release",
                       classifier_epochs="evaluate_release", classifier_lr="evaluate_release")
 
 
-def settings_of(args, state, stage_names):
-    """The run's Config: a new run's preset with the flags given; a resumed run's own (state:
-    its checkpoint; stage_names: train.py's stages in order, then "done"), where only the
-    AFTER_TRAINING settings of stages not yet started may change."""
+def settings_of(args, state, device):
+    """The run's Config: a new run's preset with the flags given (no --preset: by its device);
+    a resumed run's own (state: its checkpoint), where only the AFTER_TRAINING settings of
+    stages not yet started may change."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
              if getattr(args, f.name) is not None}
     if state is None:
-        preset = args.preset or ("paper" if args.device.startswith("cuda") else "cpu")
+        preset = args.preset or ("paper" if device.startswith("cuda") else "cpu")
         return dataclasses.replace(PRESETS[preset], **given)
     try:
-        cfg, reached = Config(**state["cfg"]), stage_names.index(state["stage"])
+        cfg, reached = Config(**state["cfg"]), runs.STAGES.index(state["stage"])
         started = bool(state["step"] or state["samples"])  # the stage reached made some output
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"--resume: {args.resume} holds no valid settings") from None
     for name, value in given.items():
         if value == getattr(cfg, name):
             continue
-        stage = stage_names.index(AFTER_TRAINING[name]) if name in AFTER_TRAINING else -1
+        stage = runs.STAGES.index(AFTER_TRAINING[name]) if name in AFTER_TRAINING else -1
         if not (reached < stage or reached == stage and not started):
             raise ValueError(f"{flag(name)}: {args.resume} is a run with "
                              f"{name}={getattr(cfg, name)}; a resumed run keeps its settings "
@@ -181,6 +182,18 @@ def settings_of(args, state, stage_names):
             raise ValueError(f"--{option}: a resumed run continues its own settings and random "
                              f"state")
     return dataclasses.replace(cfg, **given)
+
+
+def options_of(args, state, device_of):
+    """Where things are (device, data, FID weights, --trust-data-files): as given, else a
+    resumed run's own (state: its checkpoint), the device by default cuda if there is one;
+    checked (check_options). device_of: the device of this process (distributed.py)."""
+    saved = state.get("options") if state and isinstance(state.get("options"), dict) else {}
+    options = {name: getattr(args, name) or saved.get(name)
+               for name in ("device", "data_dir", "inception", "trust_data_files")}
+    options["device"] = options["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_options(argparse.Namespace(**{**vars(args), **options}), state)
+    return dict(options, device=device_of(options["device"]))
 
 
 # What each number must be: (test, in words). Anything else is refused before any work. The

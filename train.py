@@ -103,11 +103,10 @@ def warm_up(model, optimizer, central_images, central_labels, cfg, ddpm, public,
     generator."""
     device = next(model.parameters()).device
     pool_images, pool_labels = central_images.to(device), central_labels.to(device)
-    magnitude = 3 if pool_images.shape[1] == 1 else 9  # RandAugment M: grayscale 3, colour 9
     for step in range(first_step, cfg.warmup_steps):
         pick = torch.randint(len(pool_images), (cfg.warmup_batch,), generator=public,
                              device=public.device).to(device)
-        augmented = central.augment(pool_images[pick], public, max_magnitude=magnitude)
+        augmented = central.augment(pool_images[pick], public)
         x0 = diffusion.to_model_range(augmented)
         y_in, t, noise = ddpm.draw_inputs(pool_labels[pick], 1, x0.shape[1:], public)
         loss = ddpm.loss(model, x0, y_in, t, noise).mean()
@@ -222,9 +221,6 @@ def evaluate_release(images, labels, cfg, real_data, device, weights, fid_cache,
     return metrics
 
 
-STAGES = (release_central_images, warm_up, train_dpsgd, synthesize, evaluate_release)
-
-
 def save_sample_grid(model, cfg, ddpm, public, path):
     """Ten samples per class, one row per class."""
     labels = torch.arange(data.INFO[cfg.dataset]["classes"], device=public.device)
@@ -234,6 +230,33 @@ def save_sample_grid(model, cfg, ddpm, public, path):
 
 
 # ------------------------------------------------------------------------------ one run
+def load_sensitive_data(cfg, options):
+    """The training images and labels (the first cfg.train_subset of them, 0: all)."""
+    images, labels = data.load(cfg.dataset, "train", options["data_dir"],
+                               options["trust_data_files"])
+    subset = slice(cfg.train_subset or None)
+    return images[subset], labels[subset]
+
+
+def plan_of(cfg, state, n, digest, folder):
+    """The privacy plan: a new run's (privacy_plan), or a resumed run's own, refused unless it
+    was made for these n training images (their digest) and these settings."""
+    plan = privacy_plan(cfg, n) if state is None else state["plan"]
+    if plan["n"] != n:
+        raise ValueError(f"--data-dir: the run was planned for {plan['n']} training images, "
+                         f"found {n}")
+    if state is not None and state.get("data_sha256") not in (None, digest):  # None: old
+        raise ValueError(f"--data-dir: these are not the training images of {folder} "
+                         f"(their digest differs); resume on the data it was trained on")
+    if (plan["dpsgd"] is not None) != cfg.dpsgd:
+        raise ValueError(f"--resume: the privacy plan of {folder} does not match its "
+                         f"settings (DP-SGD {'off' if cfg.dpsgd else 'on'} in the plan)")
+    if cfg.delta >= 1 / n:
+        print(f"warning: delta={cfg.delta:g} is not below 1/N = {1 / n:.2g}: a mechanism "
+              f"that publishes one random record would meet it")
+    return plan
+
+
 def new_run(cfg, plan, folder, device, seed):
     """A run at its start: initial weights, optimizer, EMA, generators, an empty ledger."""
     info = data.INFO[cfg.dataset]
@@ -245,8 +268,8 @@ def new_run(cfg, plan, folder, device, seed):
     # Independent, so that published outputs reveal nothing about the secret state.
     secret = randomness.secret_generator(seed)
     public = torch.Generator(device).manual_seed(secrets.randbits(63) if seed is None else seed + 1)
-    return runs.Run(folder, [stage.__name__ for stage in STAGES] + ["done"], cfg, plan, device,
-                    model, diffusion.DDPM(timestep_dist=cfg.timesteps, num_classes=info["classes"]),
+    return runs.Run(folder, cfg, plan, device, model,
+                    diffusion.DDPM(timestep_dist=cfg.timesteps, num_classes=info["classes"]),
                     *fresh_optimizer_and_ema(model, cfg), secret, public, seed is not None,
                     accountant.PrivacyLedger(cfg.delta))
 
@@ -255,65 +278,76 @@ def fresh_optimizer_and_ema(model, cfg):
     return torch.optim.Adam(model.parameters(), lr=cfg.lr), diffusion.EMA(model, cfg.ema)
 
 
-def train(run, sensitive_images, sensitive_labels, args, stop):
-    """Run the stages still to do, in order; a checkpoint after each one."""
+def start_run(args, options, cfg, plan, state, digest, team, held):
+    """The run in its folder (a new one's prepared and locked, see runs.prepare_folder), at its
+    start or where its checkpoint `state` left it; checkpointed once, so the folder holds it."""
+    if cfg.dpsgd:
+        name = f"{cfg.dataset}-eps{cfg.eps:g}" + ("" if cfg.central else "-nocentral")
+    else:
+        name = f"{cfg.dataset}-nodpsgd"
+    folder = args.resume or args.out or os.path.join("runs", name)
+    run = new_run(cfg, plan, folder, options["device"], args.seed)
+    run.options, run.checkpoint_minutes = options, args.checkpoint_minutes
+    run.writes = team.is_main  # one process writes the run's files
+    if state is not None:
+        run.restore(state)
+    elif run.writes:
+        held.enter_context(runs.prepare_folder(folder, args.overwrite))
+    run.data_digest = digest
+    print_plan(plan)
+    print(f"run folder: {folder} (stage {run.stage + 1} of {len(runs.STAGES) - 1}, "
+          f"step {run.step})")
+    run.checkpoint()
+    return run
+
+
+def train(run, sensitive_images, sensitive_labels, team):
+    """The five stages, in the paper's order; run.run_stage skips those a resumed run has done
+    and checkpoints after each one. `team`: the processes (distributed.py; one: no-ops)."""
     cfg = run.cfg
 
-    def progress(stage, total, block=1):  # also stops on NaN or inf weights (check_weights)
-        return runs.Progress(stage.__name__, run.step, total, run.checkpoint, stop,
-                             args.checkpoint_minutes, block=block, check=run.check_weights)
+    def central_images():
+        if not cfg.central:
+            return
+        # With several processes rank 0 alone draws the release (one draw of the mechanism)
+        # and the others receive it; every process's ledger counts it once.
+        release = (release_central_images(sensitive_images, sensitive_labels, cfg, run.secret)
+                   if team.is_main else None)
+        images, labels, mechanism = team.from_rank0(release)
+        run.ledger.add("central images", *mechanism)
+        run.central = (images.cpu(), labels.cpu())
+        order = labels.argsort(stable=True)  # one row per class
+        if run.writes:
+            data.save_grid(images[order], run.path("central_images.png"), nrow=cfg.central_queries)
+        print(f"[central] {len(images)} central images -> {run.path('central_images.png')}; "
+              f"eps spent {run.ledger.epsilon()[0]:.3f}")
 
-    def finished(stage):
-        run.tally_time()  # the time so far is this stage's, not the next one's
-        run.stage, run.step = STAGES.index(stage) + 1, 0
-        run.checkpoint()
-
-    if run.stage <= STAGES.index(release_central_images):
-        if cfg.central:
-            # With several processes rank 0 alone draws the release (one draw of the mechanism)
-            # and the others receive it; every process's ledger counts it once.
-            release = (release_central_images(sensitive_images, sensitive_labels, cfg, run.secret)
-                       if distributed.is_main() else None)
-            images, labels, mechanism = distributed.from_rank0(release)
-            run.ledger.add("central images", *mechanism)
-            run.central = (images.cpu(), labels.cpu())
-            order = labels.argsort(stable=True)  # one row per class
-            if run.writes:
-                data.save_grid(images[order], run.path("central_images.png"),
-                               nrow=cfg.central_queries)
-            print(f"[central] {len(images)} central images -> {run.path('central_images.png')}; "
-                  f"eps spent {run.ledger.epsilon()[0]:.3f}")
-        finished(release_central_images)
-    if run.stage <= STAGES.index(warm_up):
+    def warm():
         if cfg.central and cfg.warmup_steps:
             # Post-processing and cheap: every process runs the same steps from the same state.
             warm_up(run.model, run.optimizer, *run.central, cfg, run.ddpm, run.public, run.step,
-                    progress(warm_up, cfg.warmup_steps))
+                    run.progress(cfg.warmup_steps))
             if run.writes:
                 save_sample_grid(run.model, cfg, run.ddpm, run.public,
                                  run.path("warmup_samples.png"))
         # DP-SGD starts from the raw warmed-up weights, with a fresh optimizer and EMA: on
         # every process rank 0's weights and generator states (it alone drew the central
         # images and the grid, and GPU kernels need not be bit-reproducible).
-        distributed.take_rank0_state(run.model, run.secret, run.public)
+        team.take_rank0_state(run.model, run.secret, run.public)
         run.optimizer, run.ema = fresh_optimizer_and_ema(run.model, cfg)
-        finished(warm_up)
-    if run.stage <= STAGES.index(train_dpsgd):
+
+    def dp_sgd():
         # With --no-dpsgd the EMA, fresh from the warmed-up weights, is what gets sampled.
         if cfg.dpsgd:
             # Nothing is shown or written inside a block of DP-SGD steps, and a stop waits for
             # the block's end (runs.Progress): a step's time grows with its secret batch size.
             train_dpsgd(run.model, run.optimizer, run.ema, sensitive_images, sensitive_labels,
                         cfg, run.plan["dpsgd"], run.ddpm, run.secret, run.ledger, run.step,
-                        progress(train_dpsgd, run.plan["dpsgd"]["steps"], runs.DPSGD_BLOCK))
-        finished(train_dpsgd)
-    # Synthesis and evaluation post-process the trained weights: rank 0 goes on alone.
-    distributed.finish()
-    if not distributed.is_main():
-        return
-    if run.stage <= STAGES.index(synthesize):
+                        run.progress(run.plan["dpsgd"]["steps"], runs.DPSGD_BLOCK))
+
+    def synthesis():
         synthesize(run.ema.model, cfg, run.ddpm, run.public, run.pieces,
-                   progress(synthesize, cfg.n_samples))
+                   run.progress(cfg.n_samples))
         evaluate.save_samples(run.path("samples.npz"), torch.cat([p[0] for p in run.pieces]),
                               torch.cat([p[1] for p in run.pieces]))
         save_sample_grid(run.ema.model, cfg, run.ddpm, run.public, run.path("samples.png"))
@@ -321,11 +355,11 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
                                 ("after the warm-up", run.path("warmup_samples.png")),
                                 ("final samples", run.path("samples.png"))],
                                run.path("stages.png"))
-        finished(synthesize)
-    if run.stage <= STAGES.index(evaluate_release):
+
+    def evaluation():
         def stop_point(message):  # evaluation's progress lines are its batch boundaries
             print(message, file=sys.stderr, flush=True)
-            if stop.requested:
+            if run.stop.requested:
                 run.checkpoint()
                 raise runs.StopRequested()
 
@@ -333,99 +367,69 @@ def train(run, sensitive_images, sensitive_labels, args, stop):
         # The real side's FID statistics describe sensitive images: kept in the private run
         # folder, next to the checkpoint.
         fid_cache = lambda n: run.path(f"fid_stats_train_{n}.npz")  # noqa: E731
-        real_data = functools.partial(data.load, cfg.dataset, data_dir=args.data_dir,
-                                      trust_files=args.trust_data_files)
+        real_data = functools.partial(data.load, cfg.dataset, data_dir=run.options["data_dir"],
+                                      trust_files=run.options["trust_data_files"])
         run.metrics = evaluate_release(images, labels, cfg, real_data, run.device,
-                                       args.inception, fid_cache, stop_point)
-        finished(evaluate_release)
+                                       run.options["inception"], fid_cache, stop_point)
+
+    run.run_stage("release_central_images", central_images)
+    run.run_stage("warm_up", warm)
+    run.run_stage("train_dpsgd", dp_sgd)
+    team.finish()  # synthesis and evaluation post-process the trained weights: rank 0 alone
+    if team.is_main:
+        run.run_stage("synthesize", synthesis)
+        run.run_stage("evaluate_release", evaluation)
 
 
 def main(argv=None):
     args = settings.parse_args(argv, description=__doc__.split("\n\n")[0])
+    team = distributed.Team()  # torchrun's processes; with one process it does nothing
     # One run per folder: its lock (runs.lock_folder) is held from before the run reads or
     # writes its folder until it ends, whichever way it ends.
     with contextlib.ExitStack() as held:
-        return start_and_train(args, held)
+        try:
+            team.start()
+            state = runs.resume(args.resume, held, team.is_main)  # None: a new run
+            options = settings.options_of(args, state, team.device_of)
+            cfg = settings.settings_of(args, state, options["device"])
+            settings.check_settings(cfg)
+            sensitive_images, sensitive_labels = load_sensitive_data(cfg, options)
+            n = len(sensitive_images)  # public, like the dataset's name
+            digest = data.digest(sensitive_images, sensitive_labels)  # private: the checkpoint's
+            plan = plan_of(cfg, state, n, digest, args.resume)
+            if cfg.fid_n and (state is None or state["stage"] != "done") and team.is_main:
+                inception.load_inception(options["inception"])  # missing weights: fail now
+            run = start_run(args, options, cfg, plan, state, digest, team, held)
+        except (ValueError, OSError, data.DataError, inception.WeightsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            run = None
+        if not team.all_ok(run is not None):  # with torchrun, a failure anywhere stops all
+            team.finish()
+            return 2
+        # Every process starts from rank 0's weights and generator states (its secret one too).
+        team.take_rank0_state(run.model, run.secret, run.public)
+        run.stop = team.stop_together(runs.install_ctrl_c())
+        return train_to_the_end(run, sensitive_images, sensitive_labels, team)
 
 
-def start_and_train(args, held):
+def train_to_the_end(run, sensitive_images, sensitive_labels, team):
+    """train(), with each way it can end as one line and an exit status."""
     try:
-        distributed.start()  # under torchrun only
-        if args.resume and distributed.is_main():  # locked before the checkpoint is read
-            held.enter_context(runs.lock_folder(args.resume, "--resume"))
-        state = runs.load_checkpoint(args.resume) if args.resume else None
-        if state is not None:  # where things are: the run's own unless given again
-            saved = state.get("options") if isinstance(state.get("options"), dict) else {}
-            for option in ("device", "data_dir", "inception", "trust_data_files"):
-                setattr(args, option, getattr(args, option) or saved.get(option))
-        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        settings.check_options(args, state)
-        args.device = distributed.device_of_this_process(args.device)
-        cfg = settings.settings_of(args, state, [s.__name__ for s in STAGES] + ["done"])
-        settings.check_settings(cfg)
-        sensitive_images, sensitive_labels = data.load(cfg.dataset, "train", args.data_dir,
-                                                       args.trust_data_files)
-        subset = slice(cfg.train_subset or None)
-        sensitive_images, sensitive_labels = sensitive_images[subset], sensitive_labels[subset]
-        n = len(sensitive_images)  # public, like the dataset's name
-        digest = data.digest(sensitive_images, sensitive_labels)  # private: the checkpoint's
-        plan = privacy_plan(cfg, n) if state is None else state["plan"]
-        if plan["n"] != n:
-            raise ValueError(f"--data-dir: the run was planned for {plan['n']} training images, "
-                             f"found {n}")
-        if state is not None and state.get("data_sha256") not in (None, digest):  # None: old
-            raise ValueError(f"--data-dir: these are not the training images of {args.resume} "
-                             f"(their digest differs); resume on the data it was trained on")
-        if (plan["dpsgd"] is not None) != cfg.dpsgd:
-            raise ValueError(f"--resume: the privacy plan of {args.resume} does not match its "
-                             f"settings (DP-SGD {'off' if cfg.dpsgd else 'on'} in the plan)")
-        if cfg.delta >= 1 / n:
-            print(f"warning: delta={cfg.delta:g} is not below 1/N = {1 / n:.2g}: a mechanism "
-                  f"that publishes one random record would meet it")
-        if cfg.fid_n and (state is None or state["stage"] != "done") and distributed.is_main():
-            inception.load_inception(args.inception)  # missing FID weights: fail now, not later
-        if cfg.dpsgd:
-            name = f"{cfg.dataset}-eps{cfg.eps:g}" + ("" if cfg.central else "-nocentral")
-        else:
-            name = f"{cfg.dataset}-nodpsgd"
-        folder = args.resume or args.out or os.path.join("runs", name)
-        run = new_run(cfg, plan, folder, args.device, args.seed)
-        run.options = dict(device=args.device, data_dir=args.data_dir, inception=args.inception,
-                           trust_data_files=args.trust_data_files)
-        run.writes = distributed.is_main()  # one process writes the run's files
-        if state is not None:
-            run.restore(state)
-        elif run.writes:
-            held.enter_context(runs.prepare_folder(folder, args.overwrite))
-        run.data_digest = digest
-        print_plan(plan)
-        print(f"run folder: {folder} (stage {run.stage + 1} of {len(STAGES)}, step {run.step})")
-        run.checkpoint()
-    except (ValueError, OSError, data.DataError, inception.WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        run = None
-    if not distributed.all_ok(run is not None):  # with torchrun, a failure anywhere stops all
-        distributed.finish()
-        return 2
-    # Every process starts from rank 0's weights and generator states (its secret one too).
-    distributed.take_rank0_state(run.model, run.secret, run.public)
-    try:
-        train(run, sensitive_images, sensitive_labels, args,
-              distributed.StopTogether(runs.install_ctrl_c()))
+        train(run, sensitive_images, sensitive_labels, team)
     except runs.NotFinite as e:  # resuming would repeat it: its own advice
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, data.DataError, inception.WeightsError) as e:
         print(f"error: {e}; the run so far is saved: fix this, then continue with --resume "
-              f"{folder}", file=sys.stderr)
+              f"{run.folder}", file=sys.stderr)
         return 2
     except runs.StopRequested:  # the run was checkpointed where it stopped
-        print(f"stopped; continue with: python train.py --resume {folder}")
+        print(f"stopped; continue with: python train.py --resume {run.folder}")
         return 130
     finally:
-        distributed.finish()
+        team.finish()
     eps, _ = run.ledger.epsilon()
-    print(f"done: ({eps:.4f}, {cfg.delta:g})-DP; report in {run.path(runs.REPORT)}")
+    print(f"done: ({eps:.4f}, {run.cfg.delta:g})-DP; report in {run.path(runs.REPORT)}")
     return 0
 
 

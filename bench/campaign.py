@@ -111,9 +111,9 @@ def branch(trunk, folder, cfg, n):
     model.load_state_dict(state["model"])  # the raw warmed-up weights DP-SGD starts from
     optimizer, ema = train.fresh_optimizer_and_ema(model, cfg)
     state.update(cfg=dataclasses.asdict(cfg), plan=train.privacy_plan(cfg, n),
-                 stage="train_dpsgd", step=0, samples=[], metrics={},
+                 stage=runs.STAGES[2], step=0, samples=[], metrics={},
                  timings={k: v for k, v in state["timings"].items()
-                          if k in ("release_central_images", "warm_up")},
+                          if k in runs.STAGES[:2]},  # the easy stage's
                  optimizer=optimizer.state_dict(), ema=ema.state_dict())
     os.makedirs(folder, exist_ok=True)
     # The trunk's FID statistics of the real images too: the same images, computed once.

@@ -21,6 +21,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import runs  # noqa: E402
 
 VARIANTS = {
     "base": [],
@@ -30,7 +33,6 @@ VARIANTS = {
     "no-dpsgd": ["--no-dpsgd"],  # the warm-up model alone, at the central images' own epsilon
     "dpm2m-12": ["--solver", "dpm2m", "--sample-steps", "12"],
 }
-STAGES = ("release_central_images", "warm_up", "train_dpsgd", "synthesize", "evaluate_release")
 
 
 def run_variant(name, seed, args):
@@ -53,7 +55,8 @@ def run_variant(name, seed, args):
                 synthetic_val_accuracy=accuracy.get("val_accuracy"),
                 test_accuracy=accuracy.get("test_accuracy"),
                 fid=(report["metrics"].get("fid") or {}).get("value"),
-                **{f"seconds_{s}": round(report["timings_s"].get(s, 0.0), 1) for s in STAGES})
+                **{f"seconds_{s}": round(report["timings_s"].get(s, 0.0), 1)
+                   for s in runs.STAGES[:-1]})
 
 
 def main():

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import runs
+import settings
 
 
 # ------------------------------------------------------------------------- files and lock
@@ -156,3 +157,28 @@ def test_progress_checks_the_weights_at_each_block_end_before_writing():
         for step in range(1, 31):
             progress(step)
     assert checked == [10, 20] and written == [10]  # the NaN weights were never written
+
+
+def test_stage_names_are_declared_once():
+    """runs.STAGES is the checkpoint's name for each stage; the other modules use its names."""
+    assert runs.STAGES[-1] == "done" and len(set(runs.STAGES)) == len(runs.STAGES)
+    assert set(settings.AFTER_TRAINING.values()) <= set(runs.STAGES)
+    assert runs.TRAINED == ("synthesize", "evaluate_release", "done")
+
+
+def test_run_stage_skips_stages_done_and_checkpoints_after_each():
+    calls = []
+
+    class HalfWay:  # a resumed run, stopped at step 7 of the warm-up
+        stage, step = runs.STAGES.index("warm_up"), 7
+        tally_time = lambda self: calls.append("tally")  # noqa: E731
+        checkpoint = lambda self: calls.append(("checkpoint", self.stage, self.step))  # noqa: E731
+
+    run = HalfWay()
+    runs.Run.run_stage(run, "release_central_images", lambda: calls.append("central"))
+    runs.Run.run_stage(run, "warm_up", lambda: calls.append(("warm up from", run.step)))
+    runs.Run.run_stage(run, "train_dpsgd", lambda: calls.append(("DP-SGD from", run.step)))
+    assert calls == [("warm up from", 7), "tally", ("checkpoint", 2, 0),
+                     ("DP-SGD from", 0), "tally", ("checkpoint", 3, 0)]
+    with pytest.raises(ValueError):
+        runs.Run.run_stage(run, "no such stage", lambda: None)
