@@ -8,6 +8,8 @@ Nothing here is about privacy or diffusion; it keeps train.py about the science.
 * A checkpoint is one file: a header line with the SHA-256 of the rest, then torch.save's bytes.
   A flipped byte, a truncated copy or a foreign file is refused with one line, before anything
   in the run folder is touched; loading never executes code (weights_only).
+* A run goes through STAGES in order; `Run.run_stage` skips the stages a resumed run has done and
+  checkpoints after each one. A checkpoint names its stage by these strings.
 * report.json is rewritten with every checkpoint, so it always says what the checkpoint holds.
 * A new run never overwrites a folder that holds a run's files, unless asked to.
 * The first Ctrl-C (or SIGTERM, SIGHUP: what schedulers and closed terminals send) asks the loop

@@ -110,10 +110,10 @@ def branch(trunk, folder, cfg, n):
                                              for k in ("channels", "size", "classes")))
     model.load_state_dict(state["model"])  # the raw warmed-up weights DP-SGD starts from
     optimizer, ema = train.fresh_optimizer_and_ema(model, cfg)
+    easy, dpsgd = runs.STAGES[:2], runs.STAGES[2]  # the trunk's stages; the branch starts at DP-SGD
     state.update(cfg=dataclasses.asdict(cfg), plan=train.privacy_plan(cfg, n),
-                 stage=runs.STAGES[2], step=0, samples=[], metrics={},
-                 timings={k: v for k, v in state["timings"].items()
-                          if k in runs.STAGES[:2]},  # the easy stage's
+                 stage=dpsgd, step=0, samples=[], metrics={},
+                 timings={k: v for k, v in state["timings"].items() if k in easy},
                  optimizer=optimizer.state_dict(), ema=ema.state_dict())
     os.makedirs(folder, exist_ok=True)
     # The trunk's FID statistics of the real images too: the same images, computed once.
