@@ -187,6 +187,11 @@ class Team:
     def is_main(self):
         return is_main()
 
+    @property
+    def share(self):
+        """This process's positions in a batch: rank, rank + N, ..."""
+        return slice(rank(), None, world_size())
+
     def start(self):
         start()
 
@@ -201,6 +206,12 @@ class Team:
 
     def take_rank0_state(self, model, *generators):
         take_rank0_state(model, *generators)
+
+    def sum_over_processes(self, summed):
+        return sum_over_processes(summed)
+
+    def check_same_weights(self, model):
+        check_same_weights(model)
 
     def stop_together(self, stop):
         return StopTogether(stop)

@@ -148,13 +148,13 @@ def largest_chunk_that_fits(model, ddpm, cfg, image_shape):
 
 
 def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, plan, ddpm,
-                secret, ledger, first_step, progress):
+                secret, ledger, first_step, progress, team):
     """Hard stage: DP-SGD on the sensitive images (dpsgd.py), one ledger entry per step.
     The other function given the sensitive set; every draw (Poisson sample, diffusion noise,
     Gaussian noise) comes from the secret generator.
-    With several processes (distributed.py) all hold the same secret-generator state, so they
-    draw the same sample, the same diffusion inputs and the same noise; each computes the
-    clipped gradients of its share of the sample, and dp_step adds the shares' sums."""
+    With several processes (`team`, distributed.py) all hold the same secret-generator state,
+    so they draw the same sample, the same diffusion inputs and the same noise; each computes
+    the clipped gradients of its share of the sample, and dp_step adds the shares' sums."""
     device = next(model.parameters()).device
     x_all = diffusion.to_model_range(sensitive_images).to(device)
     n, q, sigma, steps = len(x_all), plan["q"], plan["sigma"], plan["steps"]
@@ -171,19 +171,19 @@ def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, 
         # may be empty: the process still takes part in the step.
         y_in, t, noise = ddpm.draw_inputs(sensitive_labels[batch], cfg.noise_draws,
                                           x_all.shape[1:], secret)
-        share = slice(distributed.rank(), None, distributed.world_size())
+        share = team.share
         x0 = x_all[batch[share].to(device)]
         inputs = (x0, *(v[share].to(device) for v in (y_in, t, noise)))
         dpsgd.dp_step(model, optimizer, ddpm.loss, inputs, clip_norm=cfg.clip,
                       sigma=sigma, expected_batch_size=q * n, noise_generator=secret,
                       chunk_size=chunk, autocast=cfg.autocast,
-                      sum_over_processes=distributed.sum_over_processes)
+                      sum_over_processes=team.sum_over_processes)
         ledger.add("DP-SGD", q, sigma, 1)
         ema.update(model)
         # Only accounted quantities are shown: the batch's loss and its realised size are
         # statistics of the sensitive data that no mechanism privatised (logs get shared).
         progress(step + 1, lambda: f" | eps spent {ledger.epsilon()[0]:.3f}/{cfg.eps:g}")
-    distributed.check_same_weights(model)
+    team.check_same_weights(model)
 
 
 def synthesize(model, cfg, ddpm, public, pieces, progress):
@@ -343,7 +343,7 @@ def train(run, sensitive_images, sensitive_labels, team):
             # the block's end (runs.Progress): a step's time grows with its secret batch size.
             train_dpsgd(run.model, run.optimizer, run.ema, sensitive_images, sensitive_labels,
                         cfg, run.plan["dpsgd"], run.ddpm, run.secret, run.ledger, run.step,
-                        run.progress(run.plan["dpsgd"]["steps"], runs.DPSGD_BLOCK))
+                        run.progress(run.plan["dpsgd"]["steps"], runs.DPSGD_BLOCK), team)
 
     def synthesis():
         synthesize(run.ema.model, cfg, run.ddpm, run.public, run.pieces,

@@ -113,7 +113,8 @@ def dpsgd_steps(model, q, sigma, steps, seed):
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     train.train_dpsgd(model, optimizer, diffusion.EMA(model, 0.9), images, labels, cfg, plan,
                       diffusion.DDPM(num_classes=10), randomness.secret_generator(seed),
-                      accountant.PrivacyLedger(1e-5), 0, lambda step, describe="": None)
+                      accountant.PrivacyLedger(1e-5), 0, lambda step, describe="": None,
+                      distributed.Team())
     return before, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
