@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,14 +167,14 @@ def do_post(job, args):
     folder = os.path.join(args.out, job["run"])
     cfg, model = sample.load_trained_model(folder)
     ddpm = diffusion.DDPM(num_classes=data.INFO[cfg.dataset]["classes"])
+    how = dataclasses.replace(cfg, guidance=job["guidance"],
+                              sample_steps=job.get("steps", cfg.sample_steps),
+                              solver=job.get("solver", cfg.solver))
     generator = torch.Generator().manual_seed(job.get("sample_seed", 0))
-    labels = torch.randint(ddpm.num_classes, (job["n"],), generator=generator)
     started = time.time()
-    images = torch.cat([samplers.sample(ddpm, model, y, generator,
-                                        steps=job.get("steps", cfg.sample_steps) or None,
-                                        guidance=job["guidance"], autocast=cfg.autocast,
-                                        solver=job.get("solver", cfg.solver))
-                        for y in labels.split(500)])
+    batches = list(samplers.sample_uniform(ddpm, model, job["n"], generator,
+                                           **samplers.settings_of(how)))
+    images, labels = (torch.cat(parts) for parts in zip(*batches))
     sampled = time.time()
     test_images, test_labels = data.load(cfg.dataset, "test", args.data_dir)
     accuracy = classifier.classifier_accuracy(
