@@ -182,7 +182,7 @@ def test_draw_inputs_is_deterministic_for_a_seed():
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
-@pytest.mark.parametrize("dist", ["uniform", "noisy"])
+@pytest.mark.parametrize("dist", ["uniform", "noisy", "lognormal"])
 def test_a_cpu_generator_serves_data_on_another_device(dist):
     # How train.py calls it: a CPU generator, the labels and the model elsewhere. "meta" stands in
     # for a GPU here (tensors without values): everything comes back on the data's device, the
@@ -211,6 +211,24 @@ def test_timestep_distribution_mean(dist):
     assert t.min() >= 0 and t.max() <= T - 1
     expected = (T - 1) / 2 if dist == "uniform" else (2 * T + 1) / 3 - 1
     assert abs(t.mean().item() - expected) < 5 * t.std().item() / math.sqrt(n)
+
+
+def test_lognormal_timesteps_follow_edms_noise_level_law():
+    # EDM's law: log sigma ~ N(-1.2, 1.2^2), with sigma_t = sqrt((1 - abar_t) / abar_t). So under
+    # the timestep probabilities, the median and the quartiles of log sigma_t are the normal's,
+    # up to one step of the schedule (the discretisation), and draws follow the probabilities.
+    ddpm = DDPM(timestep_dist="lognormal")
+    log_sigma = 0.5 * torch.log((1 - ddpm.alphas_bar) / ddpm.alphas_bar)
+    cdf = ddpm.timestep_probs.cumsum(0)
+    assert abs(cdf[-1].item() - 1) < 1e-12 and (ddpm.timestep_probs > 0).all()
+    step = (log_sigma[1:] - log_sigma[:-1]).abs().max().item()
+    for p, z in ((0.25, -0.6745), (0.5, 0.0), (0.75, 0.6745)):
+        at = int(torch.searchsorted(cdf, torch.tensor(p, dtype=torch.float64)))
+        assert abs(log_sigma[at].item() - (-1.2 + 1.2 * z)) <= step, (p, log_sigma[at])
+    t = ddpm.draw_inputs(torch.zeros(50000, dtype=torch.long), 1, (1, 1, 1),
+                         torch.Generator().manual_seed(0))[1].flatten()
+    expected = (ddpm.timestep_probs * torch.arange(1000)).sum().item()
+    assert abs(t.double().mean().item() - expected) < 5 * t.double().std().item() / 50000 ** 0.5
 
 
 def test_bad_ddpm_arguments_raise():
