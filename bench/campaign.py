@@ -221,8 +221,8 @@ def main():
         except (RuntimeError, ValueError) as e:
             print(f"== {job['id']} failed: {e}", flush=True)
             continue
-        flags = job.get("flags") or [f"{k}={v}" for k, v in job.items()
-                                     if k not in ("id", "kind", "run", "seed")]
+        flags = job["flags"] if "flags" in job else [f"{k}={v}" for k, v in job.items()
+                                                     if k not in ("id", "kind", "run", "seed")]
         row = dict(row, id=job["id"], kind=job["kind"], commit=commit, flags=" ".join(flags),
                    finished=time.strftime("%Y-%m-%d %H:%M"))
         new = not os.path.exists(args.csv)
