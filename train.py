@@ -267,7 +267,8 @@ def new_run(cfg, plan, folder, device, seed):
     # public one draws what the release shows (warm-up, sample labels, sampler noise).
     # Independent, so that published outputs reveal nothing about the secret state.
     secret = randomness.secret_generator(seed)
-    public = torch.Generator(device).manual_seed(secrets.randbits(63) if seed is None else seed + 1)
+    public = torch.Generator(device).manual_seed(
+        secrets.randbits(63) if seed is None else (seed + 1) % 2 ** 64)
     return runs.Run(folder, cfg, plan, device, model,
                     diffusion.DDPM(timestep_dist=cfg.timesteps, num_classes=info["classes"]),
                     *fresh_optimizer_and_ema(model, cfg), secret, public, seed is not None,

@@ -741,3 +741,10 @@ def test_the_dpsgd_chunk_is_halved_until_a_pass_fits_without_touching_the_model(
     fits = 0
     with pytest.raises(ValueError, match="does not fit"):
         train.largest_chunk_that_fits(model, ddpm, cfg, (1, 28, 28))
+
+
+def test_the_largest_seed_seeds_both_generators(tmp_path):
+    # --seed takes 0..2**64 - 1 (randomness.secret_generator); the public generator's seed + 1
+    # wraps around instead of overflowing manual_seed.
+    run = train.new_run(TINY, train.privacy_plan(TINY, 500), str(tmp_path), "cpu", 2 ** 64 - 1)
+    assert run.secret.initial_seed() == 2 ** 64 - 1 and run.public.initial_seed() == 0
