@@ -7,6 +7,7 @@ the checkout (where this project's machines and CI keep it), else from ./data/mn
 need it are skipped, with the reason, when none holds it.
 """
 import os
+import signal
 import sys
 
 import pytest
@@ -68,3 +69,15 @@ class StopAfter:
     def requested(self):
         self.reads_left -= 1
         return self.reads_left < 0
+
+
+@pytest.fixture
+def quiet_signals():
+    """Put the test process's signal handlers back after a test in which runs.install_ctrl_c
+    installs its own; until it does, SIGINT, SIGTERM and SIGHUP do nothing (not end pytest)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for s in saved:
+        signal.signal(s, lambda signum, frame: None)
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

@@ -68,20 +68,8 @@ def test_the_lock_holds_against_another_process_and_dies_with_it(tmp_path):
 
 
 # ------------------------------------------------------------------------- stop signals
-@pytest.fixture
-def signal_handlers():
-    """Put the handlers back after the test: install_ctrl_c changes the test process's."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    # If install_ctrl_c left a signal alone, this keeps its default (ending pytest) away.
-    for s in saved:
-        signal.signal(s, lambda signum, frame: None)
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_ask_for_a_checkpoint_like_ctrl_c(signal_handlers, signum, capsys):
+def test_sigterm_and_sighup_ask_for_a_checkpoint_like_ctrl_c(quiet_signals, signum, capsys):
     stop = runs.install_ctrl_c()
     assert not stop.requested
     os.kill(os.getpid(), signum)
@@ -89,7 +77,7 @@ def test_sigterm_and_sighup_ask_for_a_checkpoint_like_ctrl_c(signal_handlers, si
     assert "checkpointing" in capsys.readouterr().out
 
 
-def test_a_signal_ignored_at_the_start_stays_ignored(signal_handlers):
+def test_a_signal_ignored_at_the_start_stays_ignored(quiet_signals):
     """nohup ignores SIGHUP: closing the terminal must not stop a nohup'ed run."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     runs.install_ctrl_c()

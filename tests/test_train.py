@@ -557,18 +557,6 @@ def test_an_observer_of_the_run_folder_never_times_fewer_than_a_block_of_dpsgd_s
     assert dpsgd_steps_done(read_report(tmp_path / "run")["privacy_ledger"]) == seen[-1][1]
 
 
-@pytest.fixture
-def quiet_signals():
-    """Put the test process's handlers back after a test that lets train.py install its own;
-    until it does, the signals do nothing (not end pytest)."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for s in saved:
-        signal.signal(s, lambda signum, frame: None)
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_checkpoint_and_stop_like_ctrl_c(mnist_dir, tmp_path, monkeypatch,
                                                            quiet_signals, signum):
