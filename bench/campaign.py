@@ -116,8 +116,9 @@ def branch(trunk, folder, cfg, n):
                  optimizer=optimizer.state_dict(), ema=ema.state_dict())
     os.makedirs(folder, exist_ok=True)
     # The trunk's FID statistics of the real images too: the same images, computed once.
-    for picture in ("central_images.png", "warmup_samples.png", "fid_stats_train_1000.npz"):
-        shutil.copy(os.path.join(trunk, picture), folder)
+    for name in os.listdir(trunk):
+        if name in ("central_images.png", "warmup_samples.png") or name.startswith("fid_stats"):
+            shutil.copy(os.path.join(trunk, name), folder)
     runs.save_checkpoint(folder, state)
 
 
@@ -140,8 +141,10 @@ def do_train(job, args):
         cfg = config_of(job["flags"], args, job["seed"])
         trunk_cfg = config_of(["--no-dpsgd"], args, job["seed"])
         n = len(data.load(cfg.dataset, "train", args.data_dir)[1][:cfg.train_subset or None])
-        if (cfg.central and all(getattr(cfg, k) == getattr(trunk_cfg, k) for k in EASY_STAGE)
-                and os.path.exists(os.path.join(trunk, runs.CHECKPOINT))):
+        if cfg.central and all(getattr(cfg, k) == getattr(trunk_cfg, k) for k in EASY_STAGE):
+            if not os.path.exists(os.path.join(trunk, runs.CHECKPOINT)):
+                # A trunk lost with its machine is made again: the same seed, the same warm-up.
+                do_trunk(dict(id=os.path.basename(trunk), seed=job["seed"]), args)
             branch(trunk, folder, cfg, n)
         else:
             run_train(["--preset", args.preset, "--out", folder, "--seed", str(job["seed"]),
@@ -165,6 +168,8 @@ def do_trunk(job, args):
 
 def do_post(job, args):
     folder = os.path.join(args.out, job["run"])
+    if not os.path.exists(os.path.join(folder, runs.CHECKPOINT)):
+        do_train(next(j for j in JOBS if j["id"] == job["run"]), args)  # lost: trained again
     cfg, model = sample.load_trained_model(folder)
     ddpm = diffusion.DDPM(num_classes=data.INFO[cfg.dataset]["classes"])
     how = dataclasses.replace(cfg, guidance=job["guidance"],
