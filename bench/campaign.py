@@ -20,7 +20,9 @@ Three kinds of job (JOBS below; each has an id, and a job whose id is in the CSV
 
 Choose settings by FID and the held-out synthetic accuracy; the test accuracy is reported. Runs
 use --seed (the DP noise is then reproducible: for experiments only). A stopped campaign starts
-again where it stopped: finished jobs are skipped and an interrupted run resumes.
+again where it stopped: finished jobs are skipped and an interrupted run resumes. A second queue
+may use another core (`--only` its own jobs, also OMP_NUM_THREADS=1): both append to one CSV,
+and each reads it before every job.
 """
 import argparse
 import csv
@@ -76,6 +78,13 @@ JOBS = [
     post("base-s0", "g0-n10k-c30", guidance=0.0, n=10000, classifier_epochs=30),
     dict(id="no-central-g0-s0", kind="train", seed=0, flags=["--no-central", *G0]),
     dict(id="eps10-g0-s0", kind="train", seed=0, flags=["--eps", "10", *G0]),
+    # The preset's spread over seeds (its sampler as run; the sampling levers as post jobs).
+    dict(id="trunk-s1", kind="trunk", seed=1),
+    dict(id="base-s1", kind="train", seed=1, flags=[]),
+    dict(id="trunk-s2", kind="trunk", seed=2),
+    dict(id="base-s2", kind="train", seed=2, flags=[]),
+    post("base-s1", "g0-n10k", guidance=0.0, n=10000),
+    post("base-s2", "g0-n10k", guidance=0.0, n=10000),
 ]
 
 
@@ -203,6 +212,13 @@ FIELDS = ["id", "kind", "commit", "flags", "eps", "sigma", "steps", "synthetic_v
           "s_synthesize", "s_evaluate_release", "s_classifier", "s_fid", "finished"]
 
 
+def finished_jobs(path):
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {row["id"] for row in csv.DictReader(f)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu")
@@ -213,12 +229,9 @@ def main():
     args = p.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
-    done = set()
-    if os.path.exists(args.csv):
-        with open(args.csv) as f:
-            done = {row["id"] for row in csv.DictReader(f)}
     for job in JOBS:
-        if job["id"] in done or (args.only and job["id"] not in args.only):
+        # Read before each job: a second queue (--only) may have finished it meanwhile.
+        if job["id"] in finished_jobs(args.csv) or (args.only and job["id"] not in args.only):
             continue
         print(f"== {job['id']}", flush=True)
         try:
