@@ -42,3 +42,20 @@ def test_classifier_refuses_zero_epochs_in_one_line():
                                        epochs=0, device="cpu", progress=None)
     message = str(e.value)
     assert "\n" not in message and "epochs" in message and "0" in message, message
+
+
+def test_one_trained_classifier_scores_several_sets_as_classifier_accuracy_does():
+    # bench/campaign.py trains once and tests on real training images and on the test set: the
+    # parts must give what classifier_accuracy gives, and accuracy must count right answers.
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (200, 1, 28, 28), dtype=torch.uint8, generator=g)
+    labels = (images.float().mean((1, 2, 3)) > 127.5).long()
+    whole = classifier.classifier_accuracy(images, labels, images[:50], labels[:50],
+                                           num_classes=2, epochs=2, seed=3, device="cpu")
+    model, info = classifier.train_classifier(images, labels, num_classes=2, epochs=2, seed=3,
+                                              device="cpu")
+    assert dict(info, test_accuracy=classifier.accuracy(model, images[:50], labels[:50]),
+                n_test=50) == whole
+    predicted = model(images[:50].float() / 255).argmax(1)
+    wrong = torch.where(torch.arange(50) < 10, 1 - predicted, predicted)  # 10 of 50 wrong
+    assert classifier.accuracy(model, images[:50], wrong) == pytest.approx(0.8)
