@@ -31,6 +31,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -270,6 +271,40 @@ def record(path, row):
         writer.writerows(rows)
 
 
+def table(path):
+    """The CSV as a markdown table: the rows of one setting (ids that differ only in -s<seed>)
+    become one line, each number the mean and sample standard deviation over its seeds."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    groups = {}
+    for row in rows:
+        groups.setdefault(re.sub(r"-s\d+", "", row["id"]), []).append(row)
+    columns = [("eps", "eps", 1, 3), ("real_train_accuracy", "real-train accuracy %", 100, 1),
+               ("test_accuracy", "test accuracy %", 100, 1), ("fid", "FID 1k", 1, 1),
+               ("synthetic_val_accuracy", "held-out synthetic %", 100, 1)]
+    lines = ["| setting | seeds | " + " | ".join(c[1] for c in columns) + " | minutes |",
+             "|---" * (len(columns) + 3) + "|"]
+    for name, group in groups.items():
+        cells = []
+        for key, _, scale, digits in columns:
+            values = [float(r[key]) * scale for r in group if r.get(key)]
+            if not values:
+                cells.append("")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.{digits}f}")
+            else:
+                mean = sum(values) / len(values)
+                sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+                cells.append(f"{mean:.{digits}f} ± {sd:.{digits}f}")
+        minutes = [sum(float(v) for k, v in r.items() if k.startswith("s_") and v) / 60
+                   for r in group]
+        seeds = ",".join(re.findall(r"-s(\d+)", r["id"])[0] for r in group
+                         if re.findall(r"-s(\d+)", r["id"]))
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells)
+                     + f" | {sum(minutes) / len(minutes):.0f} |")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu")
@@ -277,7 +312,12 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "campaign"))
     p.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "campaign.csv"))
     p.add_argument("--only", nargs="*", help="job ids to run (default: all, in order)")
+    p.add_argument("--table", action="store_true",
+                   help="print the CSV as a markdown table (mean ± sd over seeds) and stop")
     args = p.parse_args()
+    if args.table:
+        print(table(args.csv))
+        return 0
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     for job in JOBS:
