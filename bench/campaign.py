@@ -70,6 +70,8 @@ JOBS = [
     post("base-s0", "g0-n10k", guidance=0.0, n=10000),
     dict(id="noisy-g0-s0", kind="train", seed=0, flags=["--timesteps", "noisy", *G0]),
     dict(id="lognormal-g0-s0", kind="train", seed=0, flags=["--timesteps", "lognormal", *G0]),
+    dict(id="no-central-g0-s0", kind="train", seed=0, flags=["--no-central", *G0]),
+    dict(id="eps10-g0-s0", kind="train", seed=0, flags=["--eps", "10", *G0]),
     post("base-s0", "g0.5-n10k", guidance=0.5, n=10000),
     post("base-s0", "g1-n2k-seed1", guidance=1.0, n=2000, sample_seed=1),  # the protocol's noise
     post("base-s0", "g0-n10k-seed1", guidance=0.0, n=10000, sample_seed=1),
@@ -79,8 +81,6 @@ JOBS = [
     dict(id="b512-g0-s0", kind="train", seed=0, flags=["--batch", "512", *G0]),
     post("base-s0", "g0-n20k", guidance=0.0, n=20000),
     post("base-s0", "g0-n10k-c30", guidance=0.0, n=10000, classifier_epochs=30),
-    dict(id="no-central-g0-s0", kind="train", seed=0, flags=["--no-central", *G0]),
-    dict(id="eps10-g0-s0", kind="train", seed=0, flags=["--eps", "10", *G0]),
     # The preset's spread over seeds (its sampler as run; the sampling levers as post jobs).
     dict(id="trunk-s1", kind="trunk", seed=1),
     dict(id="base-s1", kind="train", seed=1, flags=[]),
