@@ -71,6 +71,8 @@ JOBS = [
     dict(id="noisy-g0-s0", kind="train", seed=0, flags=["--timesteps", "noisy", *G0]),
     # C = 1 is about 3x the median per-example gradient norm (0.3): most of each step is noise.
     dict(id="clip0.1-g0-s0", kind="train", seed=0, flags=["--clip", "0.1", *G0]),
+    dict(id="clip0.1-noisy-g0-s0", kind="train", seed=0,
+         flags=["--clip", "0.1", "--timesteps", "noisy", *G0]),
     dict(id="lognormal-g0-s0", kind="train", seed=0, flags=["--timesteps", "lognormal", *G0]),
     dict(id="no-central-g0-s0", kind="train", seed=0, flags=["--no-central", *G0]),
     dict(id="eps10-g0-s0", kind="train", seed=0, flags=["--eps", "10", *G0]),

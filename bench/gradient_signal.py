@@ -1,0 +1,93 @@
+"""Where DP-SGD's gradient signal goes, on a run's checkpoint: the per-example gradient norms by
+diffusion timestep, and one step's signal-to-noise ratio at several clip norms C.
+
+    OMP_NUM_THREADS=1 python bench/gradient_signal.py RUN --data-dir ../shared/data/mnist
+
+For n training images drawn at random, with the run's timestep law and noise draws: signal is
+the norm of the expected clipped per-example gradient, estimated from the products of distinct
+examples only (the squared norm of a mean of n would add 1/n of their spread); noise is the norm
+of one step's Gaussian noise after the division by the expected batch B, sigma C sqrt(P) / B for
+P parameters, with the run's sigma (it does not depend on C). Clipping at C changes both: a C
+far above the gradients clips nothing and adds noise for nothing.
+
+This reads the sensitive images outside any guarantee, like FID's reference statistics: a tool
+to choose settings with, never part of a release.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+import diffusion  # noqa: E402
+import dpsgd  # noqa: E402
+import runs  # noqa: E402
+import settings  # noqa: E402
+import train  # noqa: E402
+
+
+def per_example_gradients(model, ddpm, images, labels, noise_draws, generator):
+    """[n, P] float64: each example's gradient of the diffusion loss, flattened."""
+    y_in, t, noise = ddpm.draw_inputs(labels, noise_draws, images.shape[1:], generator)
+    grads = dpsgd.per_sample_grads(model, ddpm.loss, images, y_in, t, noise, chunk_size=64)
+    return torch.cat([g.reshape(len(images), -1).double() for g in grads.values()], 1), t
+
+
+def signal_norm(clipped):
+    """|E[g]| estimated without the self-products: (|sum|^2 - sum |g_i|^2) / (n (n - 1))."""
+    n = len(clipped)
+    squared = (clipped.sum(0).square().sum() - clipped.square().sum()) / (n * (n - 1))
+    return squared.clamp(min=0).sqrt().item()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="a run folder (its checkpoint's weights: the warm-up's end for a "
+                               "--no-dpsgd run, DP-SGD's end for a finished one)")
+    p.add_argument("--data-dir")
+    p.add_argument("--n", type=int, default=256, help="training images to measure on")
+    p.add_argument("--clips", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
+    p.add_argument("--timesteps", choices=diffusion.TIMESTEP_DISTS,
+                   help="timestep law (default: the run's)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    state = runs.load_checkpoint(args.run)
+    cfg = settings.Config(**state["cfg"])
+    info = data.INFO[cfg.dataset]
+    model = diffusion.make_unet(cfg.model, info["channels"], info["size"], info["classes"])
+    model.load_state_dict(state["model"])
+    images, labels = data.load(cfg.dataset, "train", args.data_dir)
+    # The sigma of the run's DP-SGD (for a --no-dpsgd run: of the preset's DP-SGD after it).
+    plan = train.privacy_plan(dataclasses.replace(cfg, dpsgd=True), len(images))["dpsgd"]
+    generator = torch.Generator().manual_seed(args.seed)
+    pick = torch.randperm(len(images), generator=generator)[:args.n]
+    ddpm = diffusion.DDPM(timestep_dist=args.timesteps or cfg.timesteps,
+                          num_classes=info["classes"])
+    grads, t = per_example_gradients(model, ddpm, diffusion.to_model_range(images[pick]),
+                                     labels[pick], cfg.noise_draws, generator)
+    norms, t = grads.norm(dim=1), t.float().mean(1)
+    print(f"{args.run}: {args.n} examples, timesteps {ddpm.timestep_dist}, K = "
+          f"{cfg.noise_draws}, sigma {plan['sigma']:.3f} at expected batch {cfg.batch}")
+    print("per-example gradient norm, median by (mean) timestep:")
+    for low, high in ((0, 100), (100, 400), (400, 700), (700, 1000)):
+        band = (t >= low) & (t < high)
+        if band.any():
+            print(f"  t in [{low}, {high}): {band.sum().item():4d} examples, "
+                  f"{norms[band].median().item():.3f}")
+    print(f"  all: median {norms.median().item():.3f}")
+    print("| C | clipped | signal | noise | signal / noise |\n|---|---|---|---|---|")
+    for clip in args.clips:
+        clipped = grads * (clip / norms).clamp(max=1)[:, None]
+        noise = plan["sigma"] * clip * grads.shape[1] ** 0.5 / cfg.batch
+        signal = signal_norm(clipped)
+        print(f"| {clip:g} | {(norms > clip).double().mean().item():.0%} | {signal:.4f} | "
+              f"{noise:.4f} | {signal / noise:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
