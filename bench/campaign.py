@@ -71,9 +71,16 @@ JOBS = [
     dict(id="noisy-g0-s0", kind="train", seed=0, flags=["--timesteps", "noisy", *G0]),
     # C = 1 is about 3x the median per-example gradient norm (0.3): most of each step is noise.
     dict(id="clip0.1-g0-s0", kind="train", seed=0, flags=["--clip", "0.1", *G0]),
+    dict(id="lognormal-g0-s0", kind="train", seed=0, flags=["--timesteps", "lognormal", *G0]),
+    # Seeds 1 and 2: the preset, its model sampled with guidance 0, and C = 0.1 (the best
+    # lever at seed 0), each branched from its seed's trunk, so each comparison is paired.
+    *[job for seed in (1, 2) for job in (
+        dict(id=f"trunk-s{seed}", kind="trunk", seed=seed),
+        dict(id=f"base-s{seed}", kind="train", seed=seed, flags=[]),
+        post(f"base-s{seed}", "g0-n10k", guidance=0.0, n=10000),
+        dict(id=f"clip0.1-g0-s{seed}", kind="train", seed=seed, flags=["--clip", "0.1", *G0]))],
     dict(id="clip0.1-noisy-g0-s0", kind="train", seed=0,
          flags=["--clip", "0.1", "--timesteps", "noisy", *G0]),
-    dict(id="lognormal-g0-s0", kind="train", seed=0, flags=["--timesteps", "lognormal", *G0]),
     dict(id="no-central-g0-s0", kind="train", seed=0, flags=["--no-central", *G0]),
     dict(id="eps10-g0-s0", kind="train", seed=0, flags=["--eps", "10", *G0]),
     post("base-s0", "g0.5-n10k", guidance=0.5, n=10000),
@@ -85,13 +92,6 @@ JOBS = [
     dict(id="b512-g0-s0", kind="train", seed=0, flags=["--batch", "512", *G0]),
     post("base-s0", "g0-n20k", guidance=0.0, n=20000),
     post("base-s0", "g0-n10k-c30", guidance=0.0, n=10000, classifier_epochs=30),
-    # The preset's spread over seeds (its sampler as run; the sampling levers as post jobs).
-    dict(id="trunk-s1", kind="trunk", seed=1),
-    dict(id="base-s1", kind="train", seed=1, flags=[]),
-    dict(id="trunk-s2", kind="trunk", seed=2),
-    dict(id="base-s2", kind="train", seed=2, flags=[]),
-    post("base-s1", "g0-n10k", guidance=0.0, n=10000),
-    post("base-s2", "g0-n10k", guidance=0.0, n=10000),
 ]
 
 
