@@ -73,7 +73,8 @@ def main():
     norms, t = grads.norm(dim=1), t.float().mean(1)
     print(f"{args.run}: {args.n} examples, timesteps {ddpm.timestep_dist}, K = "
           f"{cfg.noise_draws}, sigma {plan['sigma']:.3f} at expected batch {cfg.batch}")
-    print("per-example gradient norm, median by (mean) timestep:")
+    # With K > 1 draws an example has K timesteps: it is banded by their mean.
+    print("per-example gradient norm, median by timestep:")
     for low, high in ((0, 100), (100, 400), (400, 700), (700, 1000)):
         band = (t >= low) & (t < high)
         if band.any():
