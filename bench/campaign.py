@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -245,12 +246,14 @@ def do_post(job, args):
 
 FIELDS = ["id", "kind", "commit", "flags", "eps", "sigma", "steps", "synthetic_val_accuracy",
           "real_train_accuracy", "test_accuracy", "fid", "s_release_central_images", "s_warm_up",
-          "s_train_dpsgd", "s_synthesize", "s_evaluate_release", "s_classifier", "s_fid", "finished"]
+          "s_train_dpsgd", "s_synthesize", "s_evaluate_release", "s_classifier", "s_fid",
+          "finished"]
 
 
 def finished_jobs(path):
     """The ids of the jobs with a row and a selection score (rows from before the score was
-    measured are made again: a run's samples are scored, a post job's sampling is redone)."""
+    measured are made again: a run's samples are scored; a post job samples again unless its
+    samples were kept)."""
     if not os.path.exists(path):
         return set()
     with open(path) as f:
@@ -309,15 +312,12 @@ def table(path):
             elif len(values) == 1:
                 cells.append(f"{values[0]:.{digits}f}")
             else:
-                mean = sum(values) / len(values)
-                sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-                cells.append(f"{mean:.{digits}f} ± {sd:.{digits}f}")
-        minutes = [sum(float(v) for k, v in r.items() if k.startswith("s_") and v) / 60
-                   for r in group]
-        seeds = ",".join(re.findall(r"-s(\d+)", r["id"])[0] for r in group
-                         if re.findall(r"-s(\d+)", r["id"]))
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells)
-                     + f" | {sum(minutes) / len(minutes):.0f} |")
+                cells.append(f"{statistics.mean(values):.{digits}f} ± "
+                             f"{statistics.stdev(values):.{digits}f}")
+        minutes = statistics.mean(sum(float(v) for k, v in r.items() if k.startswith("s_") and v)
+                                  for r in group) / 60
+        seeds = ",".join(seed for r in group for seed in re.findall(r"-s(\d+)", r["id"])[:1])
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {minutes:.0f} |")
     return "\n".join(lines)
 
 
