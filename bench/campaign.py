@@ -84,6 +84,11 @@ JOBS = [
         dict(id=f"base-s{seed}", kind="train", seed=seed, flags=[]),
         post(f"base-s{seed}", "g0-n10k", guidance=0.0, n=10000),
         dict(id=f"clip0.1-g0-s{seed}", kind="train", seed=seed, flags=["--clip", "0.1", *G0]))],
+    # The comparison rows under C = 0.1 (the candidate preset): no easy stage, and eps = 10.
+    dict(id="clip0.1-no-central-g0-s0", kind="train", seed=0,
+         flags=["--clip", "0.1", "--no-central", *G0]),
+    dict(id="clip0.1-eps10-g0-s0", kind="train", seed=0,
+         flags=["--clip", "0.1", "--eps", "10", *G0]),
     dict(id="clip0.1-noisy-g0-s0", kind="train", seed=0,
          flags=["--clip", "0.1", "--timesteps", "noisy", *G0]),
     dict(id="no-central-g0-s0", kind="train", seed=0, flags=["--no-central", *G0]),
