@@ -64,42 +64,43 @@ def post(run, tag, **sampling):
 
 
 # In order of interest: the cheap post-processing levers on one model first, then retraining.
-# Batch variants keep --epochs, so they cost the same time: 2048 x 103 and 512 x 410 steps.
-# The retraining levers sample with guidance 0 and 10,000 images, which gave the best test
-# accuracy on earlier presets; FID preferred guidance 1 (README), so each is compared with the
-# preset's model sampled the same way (job base-s<seed>/g0-n10k).
-G0 = ["--guidance", "0", "--n-samples", "10000"]
+# Every job names all the flags it changes from the first preset (C = 1, guidance 1, 2,000
+# images; job base-s<seed>), so a job means the same whatever the preset is now. The retraining
+# levers sample with guidance 0 and 10,000 images, which gave the best test accuracy on earlier
+# presets; FID preferred guidance 1 (README), so each is compared with base's model sampled the
+# same way (job base-s<seed>/g0-n10k). Batch variants keep --epochs, so they cost the same time:
+# 2048 x 103 and 512 x 410 steps.
+BASE = ["--clip", "1", "--guidance", "1", "--n-samples", "2000"]
+G0 = ["--clip", "1", "--guidance", "0", "--n-samples", "10000"]
+C01 = ["--clip", "0.1", "--guidance", "0", "--n-samples", "10000"]
 JOBS = [
     dict(id="trunk-s0", kind="trunk", seed=0),
-    dict(id="base-s0", kind="train", seed=0, flags=[]),
+    dict(id="base-s0", kind="train", seed=0, flags=BASE),
     post("base-s0", "g0-n10k", guidance=0.0, n=10000),
-    dict(id="noisy-g0-s0", kind="train", seed=0, flags=["--timesteps", "noisy", *G0]),
+    dict(id="noisy-g0-s0", kind="train", seed=0, flags=[*G0, "--timesteps", "noisy"]),
     # C = 1 is about 3x the median per-example gradient norm (0.3): most of each step is noise.
-    dict(id="clip0.1-g0-s0", kind="train", seed=0, flags=["--clip", "0.1", *G0]),
-    dict(id="lognormal-g0-s0", kind="train", seed=0, flags=["--timesteps", "lognormal", *G0]),
-    # Seeds 1 and 2: the preset, its model sampled with guidance 0, and C = 0.1 (the best
-    # lever at seed 0), each branched from its seed's trunk, so each comparison is paired.
+    dict(id="clip0.1-g0-s0", kind="train", seed=0, flags=C01),
+    dict(id="lognormal-g0-s0", kind="train", seed=0, flags=[*G0, "--timesteps", "lognormal"]),
+    # Seeds 1 and 2: base, its model sampled with guidance 0, and C = 0.1 (the best lever at
+    # seed 0), each branched from its seed's trunk, so each comparison is paired.
     *[job for seed in (1, 2) for job in (
         dict(id=f"trunk-s{seed}", kind="trunk", seed=seed),
-        dict(id=f"base-s{seed}", kind="train", seed=seed, flags=[]),
+        dict(id=f"base-s{seed}", kind="train", seed=seed, flags=BASE),
         post(f"base-s{seed}", "g0-n10k", guidance=0.0, n=10000),
-        dict(id=f"clip0.1-g0-s{seed}", kind="train", seed=seed, flags=["--clip", "0.1", *G0]))],
-    # The comparison rows under C = 0.1 (the candidate preset): no easy stage, and eps = 10.
-    dict(id="clip0.1-no-central-g0-s0", kind="train", seed=0,
-         flags=["--clip", "0.1", "--no-central", *G0]),
-    dict(id="clip0.1-eps10-g0-s0", kind="train", seed=0,
-         flags=["--clip", "0.1", "--eps", "10", *G0]),
-    dict(id="clip0.1-noisy-g0-s0", kind="train", seed=0,
-         flags=["--clip", "0.1", "--timesteps", "noisy", *G0]),
-    dict(id="no-central-g0-s0", kind="train", seed=0, flags=["--no-central", *G0]),
-    dict(id="eps10-g0-s0", kind="train", seed=0, flags=["--eps", "10", *G0]),
+        dict(id=f"clip0.1-g0-s{seed}", kind="train", seed=seed, flags=C01))],
+    # The comparison rows under C = 0.1: no easy stage, and eps = 10.
+    dict(id="clip0.1-no-central-g0-s0", kind="train", seed=0, flags=[*C01, "--no-central"]),
+    dict(id="clip0.1-eps10-g0-s0", kind="train", seed=0, flags=[*C01, "--eps", "10"]),
+    dict(id="clip0.1-noisy-g0-s0", kind="train", seed=0, flags=[*C01, "--timesteps", "noisy"]),
+    dict(id="no-central-g0-s0", kind="train", seed=0, flags=[*G0, "--no-central"]),
+    dict(id="eps10-g0-s0", kind="train", seed=0, flags=[*G0, "--eps", "10"]),
     post("base-s0", "g0.5-n10k", guidance=0.5, n=10000),
     post("base-s0", "g1-n2k-seed1", guidance=1.0, n=2000, sample_seed=1),  # the protocol's noise
     post("base-s0", "g0-n10k-seed1", guidance=0.0, n=10000, sample_seed=1),
     post("base-s0", "g0-n2k", guidance=0.0, n=2000),
-    dict(id="ema0.99-g0-s0", kind="train", seed=0, flags=["--ema", "0.99", *G0]),
-    dict(id="b2048-g0-s0", kind="train", seed=0, flags=["--batch", "2048", *G0]),
-    dict(id="b512-g0-s0", kind="train", seed=0, flags=["--batch", "512", *G0]),
+    dict(id="ema0.99-g0-s0", kind="train", seed=0, flags=[*G0, "--ema", "0.99"]),
+    dict(id="b2048-g0-s0", kind="train", seed=0, flags=[*G0, "--batch", "2048"]),
+    dict(id="b512-g0-s0", kind="train", seed=0, flags=[*G0, "--batch", "512"]),
     post("base-s0", "g0-n20k", guidance=0.0, n=20000),
     post("base-s0", "g0-n10k-c30", guidance=0.0, n=10000, classifier_epochs=30),
 ]
