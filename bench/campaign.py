@@ -88,6 +88,11 @@ JOBS = [
         dict(id=f"base-s{seed}", kind="train", seed=seed, flags=BASE),
         post(f"base-s{seed}", "g0-n10k", guidance=0.0, n=10000),
         dict(id=f"clip0.1-g0-s{seed}", kind="train", seed=seed, flags=C01))],
+    # Sampling the C = 0.1 model: guidance 1 and 0.5 (at 10,000 images, to separate guidance
+    # from their number), and 2,000 images at guidance 0 (what the 10,000 cost and give).
+    post("clip0.1-g0-s0", "g1-n10k", guidance=1.0, n=10000),
+    post("clip0.1-g0-s0", "g0.5-n10k", guidance=0.5, n=10000),
+    post("clip0.1-g0-s0", "g0-n2k", guidance=0.0, n=2000),
     # The comparison rows under C = 0.1: no easy stage, and eps = 10.
     dict(id="clip0.1-no-central-g0-s0", kind="train", seed=0, flags=[*C01, "--no-central"]),
     dict(id="clip0.1-eps10-g0-s0", kind="train", seed=0, flags=[*C01, "--eps", "10"]),
