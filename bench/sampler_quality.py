@@ -2,15 +2,15 @@
 
     python bench/sampler_quality.py [--train-steps 2000] [--n 1000] [--data-dir DIR]
 
-A small UNet is trained non-privately on real MNIST for --train-steps Adam steps at batch 64
-under bf16 autocast (bench/diffusion_sanity.py's loop; saved, and reused on the next call: a
-fixed number of steps, so the model does not depend on the machine's speed; 10 minutes on a
-slow day gave noise, FID 372), then each sampler variant draws --n images with the CPU preset's
-guidance and the FID of each set against the first --n training images is computed (1,000 vs
-1,000, as in the README). Each FID is kept in a JSON file next to the model, and a variant
-already there is not drawn again (a stopped run resumes). The spread between the two float32
-DDIM sets that differ only in their seed is the run-to-run noise that every other difference is
-compared with.
+A small UNet is trained non-privately on real MNIST for --train-steps Adam steps at batch 64 under
+bf16 autocast (bench/diffusion_sanity.py's loop; saved, and reused on the next call: a fixed number
+of steps, so the model does not depend on the machine's speed; 10 minutes on a slow day gave noise,
+FID 372), then each sampler variant draws --n images with guidance 1 (the CPU preset's until
+2026-12-04, so the kept FIDs stay comparable) and the FID of each set against the first --n training
+images is computed (1,000 vs 1,000, as in the README). Each FID is kept in a JSON file next to the
+model, and a variant already there is not drawn again (a stopped run resumes). The spread between
+the two float32 DDIM sets that differ only in their seed is the run-to-run noise that every other
+difference is compared with.
 Needs the FID Inception weights. The last line: `RESULT noise=<|FID seed 0 - seed 1|>
 <variant>=<FID - FID of the float32 DDIM seed 0> ...`.
 """
@@ -30,10 +30,10 @@ import diffusion  # noqa: E402
 import evaluate  # noqa: E402
 import inception  # noqa: E402
 import samplers  # noqa: E402
-import settings  # noqa: E402
 from diffusion_sanity import train_diffusion  # noqa: E402
 
 # name: (solver, steps, bf16 autocast, seed, images per network batch)
+GUIDANCE = 1.0  # the weight every kept FID was measured at
 VARIANTS = {  # in order of interest, so that a stopped run has the important rows
     "ddim25-fp32-b500": ("ddim", 25, False, 0, 500),  # the CPU preset's until 2026-11-29
     "dpm2m15-bf16-b100": ("dpm2m", 15, True, 0, 100),  # the CPU preset's since 2026-11-30
@@ -82,7 +82,7 @@ def main():
         generator = torch.Generator().manual_seed(seed)
         sample_labels = torch.randint(10, (args.n,), generator=generator)
         samples = samplers.sample(ddpm, model, sample_labels, generator, steps=steps,
-                                  guidance=settings.CPU.guidance, batch_size=batch,
+                                  guidance=GUIDANCE, batch_size=batch,
                                   autocast=autocast, solver=solver)
         seconds = time.perf_counter() - started
         fids[name] = evaluate.fid(samples, images[:args.n], "cpu", model=fid_network,

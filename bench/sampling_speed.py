@@ -2,14 +2,14 @@
 
     python bench/sampling_speed.py [--steps 2] [--batches 50 100 250] [--reps 3]
 
-The model is the CPU preset's (settings.CPU: the small UNet, guidance w, so each step runs the
-network on 2 x batch images); the weights are random, which does not change the cost. A step
-of DDIM and of DPM-Solver++(2M) is one network call and costs the same, at every step, so each
-variant (float32 or bf16 autocast, images per network pass) is timed on --steps steps,
-round-robin in one process with the old sampler (DDIM, 25 steps, float32, 500 images per
-network pass: the CPU preset's until 2026-11-29). Images/s are then shown per 25 steps (the
-speedup per step) and at the preset's own solver and steps (settings.CPU). Quality is not
-measured here (bench/sampler_quality.py: FID of the same variants on one trained model).
+The model is the CPU preset's (settings.CPU: the small UNet), sampled with guidance 1 (the preset's
+until 2026-12-04, as measured), so each step runs the network on 2 x batch images; the weights are
+random, which does not change the cost. A step of DDIM and of DPM-Solver++(2M) is one network call
+and costs the same, at every step, so each variant (float32 or bf16 autocast, images per network
+pass) is timed on --steps steps, round-robin in one process with the old sampler (DDIM, 25 steps,
+float32, 500 images per network pass: the CPU preset's until 2026-11-29). Images/s are then shown
+per 25 steps (the speedup per step) and at the preset's own solver and steps (settings.CPU). Quality
+is not measured here (bench/sampler_quality.py: FID of the same variants on one trained model).
 
 The last line is `RESULT sampling_speedup=<the preset's sampler (its precision, steps and
 solver, samplers.CPU_BATCH images per pass), images/s over the old sampler's> per_step=<the
@@ -31,6 +31,7 @@ import settings  # noqa: E402
 
 OLD = ("float32", 500)  # the sampler before: DDIM with OLD_STEPS steps, float32, 500 images
 OLD_STEPS = 25           # per network pass
+GUIDANCE = 1.0           # the weight the results were measured at
 
 
 def main():
@@ -54,7 +55,7 @@ def main():
     def run(batch, autocast):
         labels = torch.arange(batch) % 10
         samplers.sample(ddpm, model, labels, torch.Generator().manual_seed(0), steps=args.steps,
-                        guidance=cfg.guidance, batch_size=batch, autocast=autocast,
+                        guidance=GUIDANCE, batch_size=batch, autocast=autocast,
                         solver=cfg.solver)
 
     for (_, batch), autocast in variants.items():
@@ -70,7 +71,7 @@ def main():
             for key, s in seconds_per_image.items()}
     at_preset = OLD_STEPS / (cfg.sample_steps or ddpm.num_steps)  # 0: ancestral, T steps
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; guidance "
-          f"{cfg.guidance}, {args.steps} steps timed; images/s at {OLD_STEPS} steps and at the "
+          f"{GUIDANCE}, {args.steps} steps timed; images/s at {OLD_STEPS} steps and at the "
           f"preset's {cfg.solver} with {cfg.sample_steps} steps")
     print(f"old: float32 batch {OLD[1]}, DDIM {OLD_STEPS} steps: {rate[OLD]:6.2f} images/s")
     for key in list(variants)[1:]:
