@@ -58,16 +58,18 @@ class Config:
 # (11 to 20 hours on 3 to 4 GPUs). Expected batch 4000 of 60000 is q = 1/15; 150 epochs are 2250
 # DP-SGD steps.
 PAPER = Config()
-# A 2-core CPU: the small UNet, one noise draw, 205 DP-SGD steps at expected batch 1024, 2000
-# synthetic images drawn by DPM-Solver++(2M) in 15 steps; chosen by hand to fit about half an
-# hour (its results: README; how it was chosen: bench/README.md). bf16 autocast only where the
-# CPU has bf16 kernels (AVX-512 or AMX): elsewhere bf16 is emulated, and a pass of the small
-# UNet took 14x as long as in float32 (an AVX2 CPU; bench/README.md).
+# A 2-core CPU: the small UNet, one noise draw, 205 DP-SGD steps at expected batch 1024, clip
+# norm 0.1 (a third of the median per-example gradient norm: at C = 1 most of a step is noise),
+# 10,000 synthetic images drawn by DPM-Solver++(2M) in 15 steps without guidance. The sizes were
+# chosen by hand to fit about half an hour, C, guidance and the number of images by the campaign
+# (results and how they were chosen: README, bench/README.md). bf16 autocast only where the CPU
+# has bf16 kernels (AVX-512 or AMX): elsewhere bf16 is emulated, and a pass of the small UNet
+# took 14x as long as in float32 (an AVX2 CPU; bench/README.md).
 CPU_HAS_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 CPU = dataclasses.replace(PAPER, model="small", warmup_steps=1200, batch=1024, epochs=3.5,
-                          noise_draws=1, chunk=64, autocast=CPU_HAS_BF16, lr=1e-3, ema=0.97,
-                          solver="dpm2m", sample_steps=15, guidance=1.0, n_samples=2000,
-                          fid_n=1000, classifier_epochs=10, classifier_lr=1e-3)
+                          clip=0.1, noise_draws=1, chunk=64, autocast=CPU_HAS_BF16, lr=1e-3,
+                          ema=0.97, solver="dpm2m", sample_steps=15, guidance=0.0,
+                          n_samples=10000, fid_n=1000, classifier_epochs=10, classifier_lr=1e-3)
 # Every stage in about a minute (the tests): 12 warm-up steps, 12 DP-SGD steps at expected
 # batch 25 of 500 images, 100 samples, FID on 10 images a side.
 TINY = dataclasses.replace(CPU, central_queries=2, warmup_steps=12, warmup_batch=16, batch=25,
