@@ -108,6 +108,11 @@ JOBS = [
     dict(id="b512-g0-s0", kind="train", seed=0, flags=[*G0, "--batch", "512"]),
     post("base-s0", "g0-n20k", guidance=0.0, n=20000),
     post("base-s0", "g0-n10k-c30", guidance=0.0, n=10000, classifier_epochs=30),
+    # The classifier's side on the preset's model: three times the epochs on the run's own
+    # 10,000 images (paired with its row), and twice the images.
+    post("clip0.1-g0-s0", "own-c30", guidance=0.0, n=10000, classifier_epochs=30,
+         own_samples=True),
+    post("clip0.1-g0-s0", "g0-n20k", guidance=0.0, n=20000),
 ]
 
 
@@ -233,7 +238,9 @@ def do_post(job, args):
     how = dataclasses.replace(cfg, guidance=job["guidance"],
                               sample_steps=job.get("steps", cfg.sample_steps),
                               solver=job.get("solver", cfg.solver))
-    kept = os.path.join(folder, f"post-{job['id'].split('/')[1]}.npz")
+    # own_samples: the run's own images (samples.npz, drawn by train.py), to score them again
+    kept = os.path.join(folder, "samples.npz" if job.get("own_samples")
+                        else f"post-{job['id'].split('/')[1]}.npz")
     started, timings = time.time(), {}
     if os.path.exists(kept):  # sampled before: a new score needs no new sampling
         images, labels = evaluate.load_samples(kept, cfg.dataset)
