@@ -384,15 +384,15 @@ def train(run, sensitive_images, sensitive_labels, team):
 
 
 def keep_freed_memory(pad_bytes=1 << 30):
-    """Let glibc's malloc keep up to pad_bytes of freed memory instead of returning it to the
-    operating system. By default it trims the heap as soon as a large tensor is freed, and the
-    next chunk's tensors fault every page back in (and zero it): measured on this project's 2-core
-    machine, 100,000 page faults a second in DP-SGD and 6.2 s a step, against 4.6 s with the
-    memory kept. The arithmetic is the same; only where the memory comes from changes. Elsewhere
+    """Have glibc's malloc keep up to pad_bytes of freed memory for reuse. By default it hands
+    the memory of freed tensors back to the operating system, and the next chunk's tensors fault
+    every page in again: measured on this project's 2-core machine, 100,000 page faults a second
+    in DP-SGD, and the README's command took 34.5 minutes, against 27.8 with the memory kept
+    (bench/README.md). Only where memory comes from changes, not the arithmetic. Elsewhere
     (macOS, another C library) this does nothing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-2, pad_bytes)  # M_TOP_PAD: the slack kept when the heap grows or shrinks
+        libc.mallopt(-2, pad_bytes)  # M_TOP_PAD: free memory kept when the heap grows or shrinks
     except (OSError, AttributeError):
         pass
 
