@@ -1,6 +1,7 @@
 """Benchmark of dpsgd.dp_step against the fastest plain (non-private) training step.
 
     python bench/dp_step_speed.py [--batch 256] [--draws 1] [--chunk 64] [--reps 5] [--profile]
+                                  [--float32-only]
 
 Model: the UNet the CPU preset trains (diffusion.make_unet("small", 1, 28, 10)), with the
 diffusion loss averaged over K noise draws (noise multiplicity). Inputs are random images:
@@ -82,7 +83,7 @@ def time_speed(args):
 
     variants = {}
     for kind, make, chunks in (("plain", plain, args.plain_chunks), ("dp", dp, args.dp_chunks)):
-        for autocast in (False, True):
+        for autocast in (False,) if args.float32_only else (False, True):
             for chunk in chunks:
                 variants[(kind, "bf16" if autocast else "fp32", chunk)] = make(chunk, autocast)
     for step in variants.values():
@@ -170,6 +171,9 @@ def main():
     parser.add_argument("--reps", type=int, default=5, help="timed rounds over all variants")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--autocast", action="store_true", help="--profile under bf16 autocast")
+    parser.add_argument("--float32-only", action="store_true",
+                        help="leave out the bf16 variants (on a CPU without bf16 kernels they are "
+                             "emulated, 14x slower)")
     parser.add_argument("--memory-batches", type=int, nargs=2, default=[512, 4096])
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--profile", action="store_true",
