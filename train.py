@@ -384,12 +384,12 @@ def train(run, sensitive_images, sensitive_labels, team):
 
 
 def keep_freed_memory(pad_bytes=1 << 30):
-    """Have glibc's malloc keep up to pad_bytes of freed memory for reuse. By default it hands
-    the memory of freed tensors back to the operating system, and the next chunk's tensors fault
-    every page in again: measured on this project's 2-core machine, 100,000 page faults a second
-    in DP-SGD, and the README's command took 34.5 minutes, against 27.8 with the memory kept
-    (bench/README.md). Only where memory comes from changes, not the arithmetic. Elsewhere
-    (macOS, another C library) this does nothing."""
+    """Have glibc's malloc keep up to pad_bytes of freed memory for reuse. By default it gives
+    the memory of freed tensors back to the operating system, and the next chunk of per-example
+    gradients faults every page in again: measured on this project's 2-core machine, up to
+    100,000 page faults a second in DP-SGD, and the README's command took 34.5 minutes, against
+    27.8 with the memory kept (bench/README.md). Only where memory comes from changes, not the
+    arithmetic. Elsewhere (macOS, another C library) this does nothing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-2, pad_bytes)  # M_TOP_PAD: free memory kept when the heap grows or shrinks

@@ -244,6 +244,8 @@ def do_post(job, args):
     started, timings = time.time(), {}
     if os.path.exists(kept):  # sampled before: a new score needs no new sampling
         images, labels = evaluate.load_samples(kept, cfg.dataset)
+    elif job.get("own_samples"):  # never sample into the run's own file
+        raise RuntimeError(f"{kept}: the run has not drawn its samples yet")
     else:
         generator = torch.Generator().manual_seed(job.get("sample_seed", 0))
         batches = list(samplers.sample_uniform(ddpm, model, job["n"], generator,
