@@ -20,7 +20,6 @@ included, and ends bit for bit where an uninterrupted run on the same device wou
 (distributed.py): one Poisson sample and one noise draw per step.
 """
 import contextlib
-import ctypes
 import functools
 import os
 import secrets
@@ -31,6 +30,7 @@ import torch
 import accountant
 import central
 import classifier
+import cli
 import data
 import diffusion
 import distributed
@@ -383,22 +383,8 @@ def train(run, sensitive_images, sensitive_labels, team):
         run.run_stage("evaluate_release", evaluation)
 
 
-def keep_freed_memory(pad_bytes=1 << 30):
-    """Have glibc's malloc keep up to pad_bytes of freed memory for reuse. By default it gives
-    the memory of freed tensors back to the operating system, and the next chunk of per-example
-    gradients faults every page in again: measured on this project's 2-core machine, up to
-    100,000 page faults a second in DP-SGD, and the README's command took 34.5 minutes, against
-    27.8 with the memory kept (bench/README.md). Only where memory comes from changes, not the
-    arithmetic. Elsewhere (macOS, another C library) this does nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-2, pad_bytes)  # M_TOP_PAD: free memory kept when the heap grows or shrinks
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv=None):
-    keep_freed_memory()
+    cli.keep_freed_memory()  # speed only: up to 100,000 page faults a second without it
     args = settings.parse_args(argv, description=__doc__.split("\n\n")[0])
     team = distributed.Team()  # torchrun's processes; with one process it does nothing
     # One run per folder: its lock (runs.lock_folder) is held from before the run reads or
