@@ -339,6 +339,96 @@ class DDPM:
 
 
 # --------------------------------------------------------------------------------------------
+# EDM
+# --------------------------------------------------------------------------------------------
+
+class EDM:
+    """The EDM formulation (Karras, Aittala, Aila & Laine, "Elucidating the Design Space of
+    Diffusion-Based Generative Models", 2022) as DPDM and the official DP-FETA code train it:
+
+      noising         x = x0 + sigma n,  n ~ N(0, I)                       (eq. 1, variance exploding)
+      denoiser        D(x; sigma, y) = c_skip x + c_out F(c_in x, c_noise, y)              (eq. 7)
+                      c_skip = sd^2 / (sigma^2 + sd^2),   c_out = sigma sd / sqrt(sigma^2 + sd^2),
+                      c_in = 1 / sqrt(sigma^2 + sd^2),    c_noise = log(sigma) / 4        (Table 1)
+      training sigma  log sigma ~ N(P_mean, P_std^2) = N(-1.2, 1.2^2)                    (Table 1)
+      loss            lambda(sigma) ||D(x0 + sigma n; sigma, y) - x0||^2,  lambda = 1 / c_out^2
+                                                                                   (eqs. 2 and 8)
+    F is the UNet; sd = sigma_data is sqrt(1/3), the official code's value (the standard
+    deviation of pixels spread uniformly over [-1, 1]; Karras et al. use 0.5). Since
+    lambda c_out^2 = 1, the loss is the plain squared error of F against the unit-variance target
+    (x0 - c_skip x) / c_out (eq. 8): every noise level contributes on the same scale, which
+    suits DP-SGD's clipping. The samplers (samplers.py) integrate the probability-flow ODE
+    dx/dsigma = (x - D(x; sigma)) / sigma from sigma_max = 80 down to sigma_min = 0.002.
+
+    The interface is DDPM's: draw_inputs, loss and num_classes (label K is the null label); the
+    noise level plays the part of DDPM's timestep index.
+    """
+
+    def __init__(self, num_classes=10, sigma_data=math.sqrt(1 / 3), p_mean=-1.2, p_std=1.2,
+                 sigma_min=0.002, sigma_max=80.0):
+        self.num_classes, self.sigma_data = num_classes, sigma_data
+        self.p_mean, self.p_std = p_mean, p_std
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def preconditioning(self, sigma):
+        """(c_skip, c_out, c_in, c_noise) of Table 1 for noise levels sigma (any shape)."""
+        sd2 = self.sigma_data ** 2
+        root = (sigma ** 2 + sd2).sqrt()
+        return sd2 / root ** 2, sigma * self.sigma_data / root, 1 / root, sigma.log() / 4
+
+    def denoise(self, model, x, sigma, y):
+        """D(x; sigma, y) (eq. 7) for x [N, C, H, W], sigma [N] and labels y [N]."""
+        c_skip, c_out, c_in, c_noise = (c.reshape(-1, *[1] * (x.dim() - 1)) if c.dim() else c
+                                        for c in self.preconditioning(sigma))
+        return c_skip * x + c_out * model(c_in * x, c_noise.reshape(-1), y)
+
+    def draw_inputs(self, y, num_draws, image_shape, generator, p_uncond=0.1):
+        """All the randomness of one training step, drawn outside vmap: y_in [B] (each label
+        replaced by the null label with probability p_uncond), sigma [B, K] (log-normal) and
+        noise [B, K, *image_shape], for K = num_draws draws, drawn on the generator's device
+        (one seed, the same draws anywhere) and moved to y's."""
+        if num_draws < 1:
+            raise ValueError(f"num_draws: must be >= 1, got {num_draws}")
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond: must be a probability in [0, 1], got {p_uncond}")
+        b, g_dev = y.shape[0], generator.device
+        drop = torch.rand(b, generator=generator, device=g_dev) < p_uncond
+        y_in = torch.where(drop.to(y.device), torch.full_like(y, self.num_classes), y)
+        log_sigma = torch.randn(b, num_draws, generator=generator, device=g_dev)
+        sigma = (self.p_mean + self.p_std * log_sigma).exp()
+        noise = torch.randn(b, num_draws, *image_shape, generator=generator, device=g_dev)
+        return y_in, sigma.to(y.device), noise.to(y.device)
+
+    def loss(self, model, x0, y_in, sigma, noise):
+        """Per-example loss (eq. 2 with eq. 8's weight), averaged over the K noise draws -> [B].
+
+        The K draws of an example are averaged before any clipping (DP-FETA's noise
+        multiplicity: they cost the privacy of one) and go through the model as one batch."""
+        b, k = sigma.shape
+        shape = x0.shape[1:]
+        sigma = sigma.reshape(b * k)
+        x0 = x0.unsqueeze(1).expand(b, k, *shape).reshape(b * k, *shape)
+        x = x0 + sigma.reshape(-1, 1, 1, 1) * noise.reshape(b * k, *shape)
+        c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in self.preconditioning(sigma))
+        out = model(c_in * x, c_noise.reshape(-1), y_in.unsqueeze(1).expand(b, k).reshape(b * k))
+        target = (x0 - c_skip * x) / c_out  # lambda ||D - x0||^2 = ||F - target||^2
+        per_draw = ((out - target) ** 2).mean(dim=(1, 2, 3))
+        return per_draw.reshape(b, k).mean(dim=1)
+
+
+FORMULATIONS = ("edm", "ddpm")
+
+
+def make_diffusion(formulation, num_classes, timestep_dist="uniform"):
+    """The diffusion process a run trains and samples with (timestep_dist: DDPM only)."""
+    if formulation == "edm":
+        return EDM(num_classes=num_classes)
+    if formulation == "ddpm":
+        return DDPM(timestep_dist=timestep_dist, num_classes=num_classes)
+    raise ValueError(f"formulation: must be one of {', '.join(FORMULATIONS)}, got {formulation!r}")
+
+
+# --------------------------------------------------------------------------------------------
 # EMA
 # --------------------------------------------------------------------------------------------
 

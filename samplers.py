@@ -17,20 +17,21 @@ import math
 import torch
 from torch import nn
 
-from diffusion import to_uint8
+from diffusion import EDM, to_uint8
 
-SOLVERS = ("ddim", "dpm2m")
+SOLVERS = ("ddim", "dpm2m", "heun")
 # Images per network pass, the one batch size of sampling: on a 2-core CPU, 50 to 100 ran twice
 # as fast per image as 500, whose activations no longer fit in the caches
 # (bench/sampling_speed.py); a GPU wants large batches.
 CPU_BATCH, GPU_BATCH = 100, 500
+MAX_STEPS = 1000  # EDM's sampler steps at most (the official code's number)
 
 
 def settings_of(cfg):
     """The sampler's arguments from a run's settings (settings.Config), where 0 steps means the
     ancestral sampler."""
     return dict(steps=cfg.sample_steps or None, guidance=cfg.guidance, autocast=cfg.autocast,
-                solver=cfg.solver)
+                solver=cfg.solver, churn=cfg.churn)
 
 
 def sample_uniform(ddpm, model, n, generator, batch_size=None, **how):
@@ -50,7 +51,7 @@ def sample_uniform(ddpm, model, n, generator, batch_size=None, **how):
 
 
 def sample(ddpm, model, labels, generator, steps=None, guidance=0.0, batch_size=None,
-           image_shape=None, autocast=False, solver="ddim"):
+           image_shape=None, autocast=False, solver="ddim", churn=0.0):
     """Generate images for the given labels -> uint8 [n, C, H, W] on the CPU.
 
     ddpm: the diffusion.DDPM the model was trained with (its schedule and null label).
@@ -61,12 +62,17 @@ def sample(ddpm, model, labels, generator, steps=None, guidance=0.0, batch_size=
     on a CPU, else GPU_BATCH).
     autocast: the network runs under bfloat16 autocast (fast on CPUs with bf16 units and on
     GPUs); the sampler's own arithmetic stays float64 either way."""
-    if steps is not None and not 1 <= steps <= ddpm.num_steps:
-        raise ValueError(f"steps: must be in 1..{ddpm.num_steps} or None, got {steps}")
+    most = getattr(ddpm, "num_steps", MAX_STEPS)  # a DDPM's chain is its longest
+    if steps is not None and not 1 <= steps <= most:
+        raise ValueError(f"steps: must be in 1..{most} or None, got {steps}")
     if not (math.isfinite(guidance) and guidance >= 0):  # NaN would give black images
         raise ValueError(f"guidance: must be a finite number >= 0, got {guidance}")
     if solver not in SOLVERS:
         raise ValueError(f"solver: must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if isinstance(ddpm, EDM) and steps is None:
+        raise ValueError("steps: EDM has no ancestral sampler; give a number of steps")
+    if solver == "heun" and not isinstance(ddpm, EDM):
+        raise ValueError("solver: heun is EDM's sampler")
     if image_shape is None:
         if not hasattr(model, "image_size"):
             raise ValueError("image_shape: required when the model is not a UNet")
@@ -77,14 +83,20 @@ def sample(ddpm, model, labels, generator, steps=None, guidance=0.0, batch_size=
     # The schedule is float64; keep the arithmetic in float64 and feed the model float32.
     def float_model(x, t, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return model(x.float(), t, y).double()
+            return model(x.float(), t.float() if t.is_floating_point() else t, y).double()
 
     out = []
     with torch.inference_mode():
         for y in labels.to(device).split(batch_size):
             x = noise_like(torch.empty(len(y), *image_shape, dtype=torch.float64, device=device),
                            generator)
-            if steps is None:
+            if isinstance(ddpm, EDM):
+                if solver == "heun":
+                    x = heun(ddpm, float_model, x, y, guidance, steps, churn, generator)
+                else:
+                    solve = euler if solver == "ddim" else dpm_solver_2m_edm
+                    x = solve(ddpm, float_model, x, y, guidance, steps)
+            elif steps is None:
                 x = ancestral(ddpm, float_model, x, y, guidance, generator)
             else:
                 solve = ddim if solver == "ddim" else dpm_solver_2m
@@ -184,6 +196,87 @@ def dpm_solver_2m(ddpm, model, x, y, guidance, steps):
             d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
         x = sigma[t_next] / sigma[t] * x + alpha[t_next] * (1 - torch.exp(-h)) * d
         x0_prev, h_prev = x0, h
+    return x
+
+
+# ------------------------------------------------------------------------------ EDM samplers
+# They integrate the probability-flow ODE of diffusion.EDM, dx/dsigma = (x - D(x; sigma)) / sigma,
+# from sigma_max to 0 on Karras et al.'s noise levels (eq. 5); x starts as sigma_max n.
+RHO = 7.0                          # eq. 5: spacing of the noise levels (Karras et al.'s choice)
+CHURN_RANGE = (0.1, 50.0)          # Algorithm 2's S_min, S_max: where churn adds noise (official)
+
+
+def noise_levels(edm, steps, rho=RHO):
+    """Karras et al. eq. 5: `steps` levels from sigma_max down to sigma_min, evenly spaced in
+    sigma^(1/rho), then 0 (the last step lands on D)."""
+    i = torch.arange(steps, dtype=torch.float64)
+    first, last = edm.sigma_max ** (1 / rho), edm.sigma_min ** (1 / rho)
+    sigmas = (first + i / max(steps - 1, 1) * (last - first)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).tolist()
+
+
+def guided_denoise(edm, model, x, sigma, y, guidance):
+    """D(x; sigma) with classifier-free guidance: (1 + w) D(x; sigma, y) - w D(x; sigma, null)."""
+    s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+    if guidance == 0:
+        return edm.denoise(model, x, s, y)
+    null = torch.full_like(y, edm.num_classes)
+    cond, uncond = edm.denoise(model, torch.cat([x, x]), torch.cat([s, s]),
+                               torch.cat([y, null])).chunk(2)
+    return (1 + guidance) * cond - guidance * uncond
+
+
+def heun(edm, model, x, y, guidance, steps, churn=0.0, generator=None):
+    """Karras et al. Algorithm 2 (with churn = 0: Algorithm 1, deterministic): Heun's second-order
+    steps, 2 network calls each but the last (2 steps - 1 in all). churn S_churn > 0 first raises
+    the noise level of x to sigma_hat = (1 + gamma) sigma with fresh noise, gamma =
+    min(S_churn / steps, sqrt(2) - 1), at levels within CHURN_RANGE (the official code samples
+    so, 1,000 steps at S_churn 10)."""
+    sigmas = noise_levels(edm, steps)
+    x = x * sigmas[0]
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        gamma = min(churn / steps, math.sqrt(2) - 1) if CHURN_RANGE[0] <= s <= CHURN_RANGE[1] else 0
+        s_hat = s * (1 + gamma)
+        if gamma > 0:
+            x = x + math.sqrt(s_hat ** 2 - s ** 2) * noise_like(x, generator)
+        slope = (x - guided_denoise(edm, model, x, s_hat, y, guidance)) / s_hat
+        x_next = x + (s_next - s_hat) * slope
+        if s_next > 0:  # the correction; the step to sigma = 0 stays Euler's (it lands on D)
+            slope_next = (x_next - guided_denoise(edm, model, x_next, s_next, y, guidance)) / s_next
+            x_next = x + (s_next - s_hat) * (slope + slope_next) / 2
+        x = x_next
+    return x
+
+
+def euler(edm, model, x, y, guidance, steps):
+    """Euler steps of the ODE, one network call each: DDIM for EDM (the official code's "ddim")."""
+    sigmas = noise_levels(edm, steps)
+    x = x * sigmas[0]
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (s_next - s) * (x - guided_denoise(edm, model, x, s, y, guidance)) / s
+    return x
+
+
+def dpm_solver_2m_edm(edm, model, x, y, guidance, steps):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on EDM's noise levels: with alpha = 1 and
+    lambda = -log sigma, a step is x_next = (sigma_next / sigma) x + (1 - sigma_next / sigma) D',
+    D' = D for the first step (Euler's step), else extrapolated from the previous step's D along
+    lambda: D' = (1 + 1/2r) D - (1/2r) D_prev, r = h_prev / h. One network call per step; the
+    step to sigma = 0 lands on D."""
+    sigmas = noise_levels(edm, steps)
+    x = x * sigmas[0]
+    d_prev = h_prev = None
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = guided_denoise(edm, model, x, s, y, guidance)
+        if s_next == 0:
+            return d
+        h = math.log(s / s_next)
+        extrapolated = d
+        if d_prev is not None:
+            r = h_prev / h
+            extrapolated = (1 + 1 / (2 * r)) * d - 1 / (2 * r) * d_prev
+        x = s_next / s * x + (1 - s_next / s) * extrapolated
+        d_prev, h_prev = d, h
     return x
 
 

@@ -29,7 +29,8 @@ import samplers  # noqa: E402
 
 def train_diffusion(images, labels, args, generator):
     model = diffusion.make_unet(args.model, 1, 28, 10)
-    ddpm = diffusion.DDPM(args.num_steps, args.schedule, args.timestep_dist)
+    ddpm = (diffusion.EDM() if args.formulation == "edm" else
+            diffusion.DDPM(args.num_steps, args.schedule, args.timestep_dist))
     ema = diffusion.EMA(model, args.ema)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     limits = [f"{args.minutes} min"] if args.minutes < float("inf") else []
@@ -93,11 +94,14 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema", type=float, default=0.995,
                         help="EMA decay (short run: 0.999 would still remember the init)")
-    parser.add_argument("--num-steps", type=int, default=1000, help="diffusion steps T")
+    parser.add_argument("--formulation", default="edm", choices=diffusion.FORMULATIONS)
+    parser.add_argument("--solver", default="heun", choices=samplers.SOLVERS)
+    parser.add_argument("--num-steps", type=int, default=1000, help="DDPM's diffusion steps T")
     parser.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
     parser.add_argument("--timestep-dist", default="uniform", choices=["uniform", "noisy"])
     parser.add_argument("--n", type=int, default=1000, help="samples, 10 classes in turn")
-    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (0: ancestral)")
+    parser.add_argument("--sample-steps", type=int, default=18,
+                        help="sampler steps (0: DDPM's ancestral)")
     parser.add_argument("--guidance", type=float, default=2.0,
                         help="classifier-free guidance weight w (0: plain conditional)")
     parser.add_argument("--classifier-minutes", type=float, default=1.0)
@@ -118,7 +122,7 @@ def main(argv=None):
     started = time.time()
     samples = samplers.sample(ddpm, model, sample_labels, generator,
                               steps=args.sample_steps or None, guidance=args.guidance,
-                              batch_size=50)
+                              batch_size=50, solver=args.solver)
     sample_seconds = time.time() - started
     print(f"sampled {args.n} images ({args.sample_steps or args.num_steps} steps, guidance "
           f"{args.guidance}) in {sample_seconds:.0f} s: {args.n / sample_seconds:.1f} img/s")

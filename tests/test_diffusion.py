@@ -309,6 +309,87 @@ def test_overfitting_a_tiny_fixed_batch_drives_the_loss_down():
     assert last < 0.5 * first
 
 
+# ------------------------------------------------------------------------------ EDM
+
+def test_edm_preconditioning_is_table_1_and_gives_unit_variance_inputs_and_targets():
+    edm = diffusion.EDM()
+    sd = math.sqrt(1 / 3)  # the official code's sigma_data
+    sigma = torch.tensor([0.002, 0.1, 0.5, 1.0, 5.0, 80.0], dtype=torch.float64)
+    c_skip, c_out, c_in, c_noise = edm.preconditioning(sigma)
+    torch.testing.assert_close(c_skip, sd ** 2 / (sigma ** 2 + sd ** 2))
+    torch.testing.assert_close(c_out, sigma * sd / (sigma ** 2 + sd ** 2).sqrt())
+    torch.testing.assert_close(c_in, 1 / (sigma ** 2 + sd ** 2).sqrt())
+    torch.testing.assert_close(c_noise, sigma.log() / 4)
+    # Why these (Karras et al. eqs. 4-8): for data of standard deviation sigma_data, the network
+    # input c_in (x0 + sigma n) and the training target (x0 - c_skip x) / c_out have variance 1
+    # at every noise level.
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(200000, generator=g, dtype=torch.float64) * 2 - 1)  # uniform: std sd
+    n = torch.randn(200000, generator=g, dtype=torch.float64)
+    for s, skip, out, inp in zip(sigma, c_skip, c_out, c_in):
+        x = x0 + s * n
+        assert abs((inp * x).var().item() - 1) < 0.02
+        assert abs(((x0 - skip * x) / out).var().item() - 1) < 0.02
+
+
+def test_edm_loss_is_the_weighted_denoising_loss_averaged_over_draws():
+    # eq. 2 with lambda = (sigma^2 + sd^2) / (sigma sd)^2, by hand from denoise (eq. 7).
+    model = randomise_output_layer(tiny_unet())
+    edm, g = diffusion.EDM(), torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 16, 16, generator=g) * 2 - 1
+    y_in, sigma, noise = edm.draw_inputs(torch.tensor([0, 1, 2, 3]), 3, (1, 16, 16), g)
+    loss = edm.loss(model, x0, y_in, sigma, noise)
+    assert loss.shape == (4,)
+    sd2 = edm.sigma_data ** 2
+    manual = torch.zeros(4)
+    for k in range(3):
+        s, nk = sigma[:, k], noise[:, k]
+        weight = (s ** 2 + sd2) / (s ** 2 * sd2)
+        denoised = edm.denoise(model, x0 + s.reshape(4, 1, 1, 1) * nk, s, y_in)
+        manual += weight * ((denoised - x0) ** 2).mean(dim=(1, 2, 3)) / 3
+    assert torch.allclose(loss, manual, rtol=1e-4, atol=1e-6)
+
+
+def test_edm_draws_lognormal_noise_levels_and_drops_labels():
+    edm, g = diffusion.EDM(num_classes=10), torch.Generator().manual_seed(0)
+    y = torch.arange(10).repeat(2000)
+    y_in, sigma, noise = edm.draw_inputs(y, 2, (1, 2, 2), g, p_uncond=0.1)
+    assert sigma.shape == (20000, 2) and noise.shape == (20000, 2, 1, 2, 2)
+    log_sigma = sigma.log()
+    assert abs(log_sigma.mean().item() + 1.2) < 0.03 and abs(log_sigma.std().item() - 1.2) < 0.03
+    dropped = y_in == 10
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01
+    assert torch.equal(y_in[~dropped], y[~dropped])
+
+
+@pytest.mark.parametrize("formulation", diffusion.FORMULATIONS)
+def test_per_example_gradients_with_vmap_equal_a_loop_for_each_formulation(formulation):
+    model = randomise_output_layer(tiny_unet())
+    process = diffusion.make_diffusion(formulation, 10)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    y_in, level, noise = process.draw_inputs(torch.tensor([4, 5, 6]), 2, (1, 16, 16), g,
+                                             p_uncond=0.5)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss_one(params, x, y, tt, n):
+        fmodel = lambda *args: functional_call(model, params, args)  # noqa: E731
+        return process.loss(fmodel, x[None], y[None], tt[None], n[None]).sum()
+
+    batched = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))(params, x0, y_in, level, noise)
+    for i in range(3):
+        model.zero_grad()
+        process.loss(model, x0[i:i + 1], y_in[i:i + 1], level[i:i + 1],
+                     noise[i:i + 1]).sum().backward()
+        for name, p in model.named_parameters():
+            assert torch.allclose(batched[name][i], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_unknown_formulation_is_refused():
+    with pytest.raises(ValueError, match="formulation"):
+        diffusion.make_diffusion("score", 10)
+
+
 # ------------------------------------------------------------------------------ pixel range
 
 def test_pixel_range_round_trips_all_256_values():

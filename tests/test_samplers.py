@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import diffusion
 import samplers
 import settings
 from conftest import randomise_output_layer, tiny_unet
@@ -238,10 +239,10 @@ def test_settings_of_a_run_are_the_samplers_arguments():
     cfg = dataclasses.replace(settings.TINY, sample_steps=0, guidance=1.5, autocast=True,
                               solver="dpm2m")
     assert samplers.settings_of(cfg) == dict(steps=None, guidance=1.5, autocast=True,
-                                             solver="dpm2m")
+                                             solver="dpm2m", churn=0.0)
     cfg = dataclasses.replace(cfg, sample_steps=15, guidance=0.0, autocast=False, solver="ddim")
     assert samplers.settings_of(cfg) == dict(steps=15, guidance=0.0, autocast=False,
-                                             solver="ddim")
+                                             solver="ddim", churn=0.0)
 
 
 def test_bad_sampling_arguments_raise():
@@ -255,3 +256,94 @@ def test_bad_sampling_arguments_raise():
                          (dict(steps=2, solver="euler"), "solver")]:
         with pytest.raises(ValueError, match=word):
             samplers.sample(ddpm, model, torch.tensor([0]), torch.Generator(), **kwargs)
+
+
+# ------------------------------------------------------------------------------ EDM samplers
+
+class OracleD:
+    """An EDM network that knows the answer: through EDM's preconditioning its output makes
+    D(x; sigma, y) = denoised(x, sigma, y) exactly (it reads sigma back from c_noise and x from
+    c_in x)."""
+
+    def __init__(self, edm, denoised):
+        self.edm, self.denoised, self.calls = edm, denoised, []
+
+    def __call__(self, scaled_x, c_noise, y):
+        self.calls.append(len(scaled_x))
+        sigma = (4 * c_noise).exp().to(scaled_x).reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in, _ = self.edm.preconditioning(sigma)
+        x = scaled_x / c_in
+        return (self.denoised(x, sigma, y) - c_skip * x) / c_out
+
+
+EDM_SOLVERS = [("ddim", samplers.euler), ("heun", samplers.heun),
+               ("dpm2m", samplers.dpm_solver_2m_edm)]
+
+
+def test_edm_noise_levels_are_eq_5():
+    edm = diffusion.EDM()
+    levels = samplers.noise_levels(edm, 18)
+    assert len(levels) == 19 and levels[-1] == 0
+    assert math.isclose(levels[0], 80.0) and math.isclose(levels[-2], 0.002)
+    steps = torch.tensor(levels[:-1], dtype=torch.float64) ** (1 / 7)
+    assert torch.allclose(steps.diff(), steps.diff()[0].expand(17), rtol=1e-9)  # even in sigma^(1/7)
+
+
+@pytest.mark.parametrize("solver", [name for name, _ in EDM_SOLVERS])
+@pytest.mark.parametrize("guidance", [0.0, 0.5])
+def test_edm_samplers_return_the_oracle_image_for_each_label(solver, guidance):
+    edm = diffusion.EDM(num_classes=3)
+    level = torch.tensor([-0.4, 0.0, 0.6, 0.2])  # labels 0, 1, 2 and null
+    model = OracleD(edm, lambda x, sigma, y: level.to(x)[y].reshape(-1, 1, 1, 1).expand_as(x))
+    labels = torch.tensor([2, 0, 1, 1, 0])
+    out = samplers.sample(edm, model, labels, torch.Generator().manual_seed(0), steps=6,
+                          image_shape=(1, 4, 4), solver=solver, guidance=guidance)
+    want = (1 + guidance) * level[labels] - guidance * level[3]
+    for image, v in zip(out, want):
+        assert (image.int() - expected_uint8(v.item())).abs().max() <= 1
+    # network calls: one per step (two per Heun step but the last), twice with guidance
+    passes = 2 * 6 - 1 if solver == "heun" else 6
+    assert len(model.calls) == passes and set(model.calls) == {5 * (2 if guidance else 1)}
+
+
+def test_edm_samplers_solve_the_ode_of_gaussian_data_to_their_order():
+    # For data x0 ~ N(mu, s^2) per pixel the optimal denoiser is D(x; sigma) = mu + s^2 (x - mu)
+    # / (s^2 + sigma^2), and the ODE dx/dsigma = (x - D) / sigma has the exact solution
+    # x(0) = mu + s (x_T - mu) / sqrt(s^2 + sigma_max^2). Doubling the steps must halve Euler's
+    # error (first order) and quarter Heun's and DPM-Solver++(2M)'s (second order).
+    edm, mu, s = diffusion.EDM(num_classes=1), 0.2, 0.3
+    model = OracleD(edm, lambda x, sigma, y: mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu))
+    n = torch.randn(500, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.zeros(500, dtype=torch.long)
+    exact = mu + s * (edm.sigma_max * n - mu) / math.sqrt(s ** 2 + edm.sigma_max ** 2)
+    for name, solve in EDM_SOLVERS:
+        error = [(solve(edm, model, n, y, 0.0, steps) - exact).abs().max().item()
+                 for steps in (32, 64)]
+        ratio = error[1] / error[0]
+        print(f"{name}: error {error[0]:.2e} -> {error[1]:.2e} (ratio {ratio:.2f})")
+        assert (0.4 < ratio < 0.6) if name == "ddim" else (ratio < 0.3), name
+
+
+def test_edm_heun_with_churn_draws_from_the_data_distribution_and_its_generator():
+    # Algorithm 2 re-noises x along the way (fresh draws from the generator): still the data's
+    # law N(mu, s^2) for the exact denoiser, and the same draws for the same seed.
+    edm, mu, s = diffusion.EDM(num_classes=1), 0.2, 0.3
+    model = OracleD(edm, lambda x, sigma, y: mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu))
+    labels = torch.zeros(4000, dtype=torch.long)
+
+    def draw(seed, churn):
+        g = torch.Generator().manual_seed(seed)
+        x = samplers.noise_like(torch.empty(4000, 1, 1, 1, dtype=torch.float64), g)
+        return samplers.heun(edm, model, x, labels, 0.0, 64, churn, g)
+
+    a, b, c, plain = draw(1, 40.0), draw(1, 40.0), draw(2, 40.0), draw(1, 0.0)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain)
+    assert abs(a.mean().item() - mu) < 0.03 and abs(a.std().item() - s) < 0.03
+
+
+def test_edm_refuses_the_ancestral_sampler_and_ddpm_refuses_heun():
+    with pytest.raises(ValueError, match="steps"):
+        samplers.sample(diffusion.EDM(), tiny_unet(), torch.tensor([0]), torch.Generator())
+    with pytest.raises(ValueError, match="heun"):
+        samplers.sample(DDPM(num_steps=10), tiny_unet(), torch.tensor([0]), torch.Generator(),
+                        steps=2, solver="heun")
