@@ -34,8 +34,8 @@ import torch
 
 # The stages of train.py in order, then "done": a checkpoint names the stage it is at by these
 # strings, so they are the checkpoint format (settings, sample.py and bench/ use them too).
-STAGES = ("release_central_images", "warm_up", "train_dpsgd", "synthesize", "evaluate_release",
-          "done")
+STAGES = ("release_central_images", "release_frequency_features", "warm_up",
+          "warm_up_on_features", "train_dpsgd", "synthesize", "evaluate_release", "done")
 TRAINED = STAGES[STAGES.index("synthesize"):]  # the stages at which training is over
 CHECKPOINT = "checkpoint.pt"
 REPORT = "report.json"
@@ -43,7 +43,7 @@ LOCK = ".lock"  # empty; held with flock while a run is live (never removed: see
 DPSGD_BLOCK = 10  # DP-SGD steps per block: the fewest that any line, file or timing describes
 # Every file a run writes; a folder holding any of them holds a run.
 RUN_FILES = (CHECKPOINT, REPORT, "central_images.png", "warmup_samples.png", "samples.png",
-             "stages.png", "samples.npz")
+             "stages.png", "samples.npz", "feature_samples.png")
 _HEADER = b"DP-FETA checkpoint sha256="
 
 
@@ -264,6 +264,7 @@ class Run:
         self.writes = True  # False on all but one of the processes of a distributed run
         self.stop, self.checkpoint_minutes = None, 10.0  # the flag of install_ctrl_c; its period
         self.stage, self.step, self.central, self.pieces = 0, 0, None, []
+        self.features = None  # --frequency: the released table and its frequencies' seed
         self.metrics, self.timings, self.clock = {}, {}, time.time()
         self.data_digest = None  # data.digest of the training data (private, like all here)
 
@@ -281,9 +282,14 @@ class Run:
         self.stage, self.step = STAGES.index(name) + 1, 0
         self.checkpoint()
 
-    def progress(self, total, block=1):
+    def progress(self, total, block=1, keeps_step=False):
         """A Progress for this stage's loop, from the step reached; it also stops the run on
-        NaN or inf weights (check_weights)."""
+        NaN or inf weights (check_weights). keeps_step: a loop inside a stage's step (the
+        frequency stage's generator fit), whose steps are not the stage's: it checkpoints only
+        to stop, at the stage's step, and starts again on resume."""
+        if keeps_step:
+            return Progress(STAGES[self.stage], 0, total, lambda step: self.checkpoint(),
+                            self.stop, float("inf"), check=self.check_weights)
         return Progress(STAGES[self.stage], self.step, total, self.checkpoint, self.stop,
                         self.checkpoint_minutes, block=block, check=self.check_weights)
 
@@ -317,6 +323,7 @@ class Run:
         save_checkpoint(self.folder, dict(
             cfg=settings, plan=self.plan, options=self.options, seeded=self.seeded,
             stage=name, step=self.step, ledger=self.ledger.to_dict(), central=self.central,
+            features=self.features,
             samples=self.pieces, metrics=self.metrics, timings=self.timings,
             model=self.model.state_dict(), ema=self.ema.state_dict(),
             optimizer=self.optimizer.state_dict(), secret_rng=self.secret.get_state(),
@@ -355,6 +362,7 @@ class Run:
         self.public.set_state(state["public_rng"])
         self.ledger = type(self.ledger).from_dict(state["ledger"])
         self.central, self.pieces = state["central"], [tuple(p) for p in state["samples"]]
+        self.features = state.get("features")  # checkpoints from before the stage have none
         shape = (self.model.in_channels, self.model.image_size, self.model.image_size)
         for images, labels in ([self.central] if self.central else []) + self.pieces:
             if tuple(images.shape[1:]) != shape or labels.shape != images.shape[:1]:

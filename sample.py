@@ -35,7 +35,7 @@ def load_trained_model(folder):
     """The run's settings and its EMA model, if DP-SGD has finished; one-line ValueErrors."""
     state = runs.load_checkpoint(folder)
     try:
-        cfg = settings.Config(**state["cfg"])
+        cfg = settings.saved_config(state["cfg"])
         stage = state["stage"]
     except (KeyError, TypeError):
         raise ValueError(f"{folder}: the checkpoint holds no valid settings") from None
@@ -75,7 +75,7 @@ def main(argv=None):
                                           if getattr(args, name) is not None})
         settings.check_settings(cfg)  # e.g. a NaN guidance would draw black images
         model = model.to(device)
-        ddpm = diffusion.DDPM(num_classes=data.INFO[cfg.dataset]["classes"])
+        ddpm = diffusion.make_diffusion(cfg.formulation, data.INFO[cfg.dataset]["classes"])
         generator = torch.Generator(device).manual_seed(
             secrets.randbits(63) if args.seed is None else args.seed)
         images, labels = [], []

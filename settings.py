@@ -33,8 +33,13 @@ class Config:
     central_queries: int = 5       # number T of central-image queries (T*K central images)
     warmup_steps: int = 2000       # Adam steps of the warm-up on augmented central images
     warmup_batch: int = 64         # batch size of the warm-up
+    frequency: bool = False        # FETA-Pro's frequency stage (an option beyond DP-FETA)
+    frequency_sigma: float = 26.6  # noise multiplier sigma_f of the frequency release
+    generator_steps: int = 3000    # Adam steps fitting the generator to the frequency release
+    frequency_steps: int = 2340    # warm-up steps on the generator's images (--frequency)
     dpsgd: bool = True             # the hard stage; --no-dpsgd releases the warmed-up model
     model: str = "paper"           # UNet size: paper (1.4 M parameters) or small (0.27 M)
+    formulation: str = "edm"       # diffusion formulation: edm (Karras et al., the official code's) or ddpm
     batch: int = 4000              # expected (Poisson) batch size of DP-SGD: q = batch / N
     epochs: float = 150.0          # DP-SGD epochs: steps = epochs * N / batch
     timesteps: str = "uniform"     # training t: uniform (DDPM), noisy (P(t) ~ t) or lognormal (EDM)
@@ -44,8 +49,9 @@ class Config:
     ema: float = 0.999             # EMA decay of the weights during DP-SGD
     chunk: int = 256               # examples per per-example-gradient pass (a GPU may use fewer)
     autocast: bool = False         # bf16 network in DP-SGD and sampling (clipping and noise: fp64)
-    sample_steps: int = 0          # deterministic sampler's steps (0: 1000-step ancestral DDPM)
-    solver: str = "ddim"           # deterministic sampler: ddim or dpm2m (DPM-Solver++(2M))
+    sample_steps: int = 1000       # sampler steps (DDPM only: 0 for the 1000-step ancestral one)
+    solver: str = "heun"           # sampler: ddim (Euler), dpm2m (DPM-Solver++(2M)) or heun (EDM only)
+    churn: float = 10.0            # heun's S_churn: noise re-added while sampling (0: deterministic)
     guidance: float = 0.0          # classifier-free guidance weight w (0: plain conditional model)
     n_samples: int = 60000         # synthetic images to generate (uniformly random labels)
     fid_n: int = 60000             # images per side for FID (generated vs training); 0 skips FID
@@ -68,11 +74,13 @@ PAPER = Config()
 CPU_HAS_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 CPU = dataclasses.replace(PAPER, model="small", warmup_steps=1200, batch=1024, epochs=3.5,
                           clip=0.1, noise_draws=1, chunk=64, autocast=CPU_HAS_BF16, lr=1e-3,
-                          ema=0.97, solver="dpm2m", sample_steps=15, guidance=0.0,
+                          ema=0.97, formulation="ddpm", solver="dpm2m", sample_steps=15, churn=0.0,
+                          guidance=0.0, generator_steps=1000, frequency_steps=1200,
                           n_samples=10000, fid_n=1000, classifier_epochs=10, classifier_lr=1e-3)
 # Every stage in about a minute (the tests): 12 warm-up steps, 12 DP-SGD steps at expected
 # batch 25 of 500 images, 100 samples, FID on 10 images a side.
 TINY = dataclasses.replace(CPU, central_queries=2, warmup_steps=12, warmup_batch=16, batch=25,
+                           generator_steps=10, frequency_steps=6,
                            epochs=0.6, chunk=25, autocast=False, ema=0.9, sample_steps=5,
                            guidance=0.0, n_samples=100, fid_n=10, classifier_epochs=3,
                            train_subset=500)
@@ -101,8 +109,13 @@ def parse_args(argv=None, description=None):
     setting("--central-queries", type=int)
     setting("--warmup-steps", type=int)
     setting("--warmup-batch", type=int)
+    setting("--frequency", action="store_const", const=True)
+    setting("--frequency-sigma", type=float)
+    setting("--generator-steps", type=int)
+    setting("--frequency-steps", type=int)
     setting("--no-dpsgd", action="store_const", const=False)
     setting("--model")
+    setting("--formulation", choices=diffusion.FORMULATIONS)
     setting("--batch", type=int)
     setting("--epochs", type=float)
     setting("--timesteps", choices=diffusion.TIMESTEP_DISTS)
@@ -114,6 +127,7 @@ def parse_args(argv=None, description=None):
     setting("--autocast", action=argparse.BooleanOptionalAction)
     setting("--sample-steps", type=int)
     setting("--solver", choices=samplers.SOLVERS)
+    setting("--churn", type=float)
     setting("--guidance", type=float)
     setting("--n-samples", type=int)
     setting("--fid-n", type=int)
@@ -148,11 +162,21 @@ def parse_args(argv=None, description=None):
     return args
 
 
+# Settings added after earlier runs were made, with the value those runs had: a saved Config
+# without them (a checkpoint, a report) was made so.
+ADDED_LATER = dict(formulation="ddpm", churn=0.0, frequency=False)
+
+
+def saved_config(saved):
+    """The Config of a checkpoint's or report's settings (a dict); TypeError if it is none."""
+    return Config(**{**ADDED_LATER, **saved})
+
+
 # Settings that only change what happens after training, with the train.py stage (runs.STAGES)
 # that uses them: a resumed run may change them while that stage has not started (once it has,
 # its output so far was made with them, and a change would mix two settings in one release).
 AFTER_TRAINING = dict(n_samples="synthesize", sample_steps="synthesize", solver="synthesize",
-                      guidance="synthesize", fid_n="evaluate_release",
+                      churn="synthesize", guidance="synthesize", fid_n="evaluate_release",
                       classifier_epochs="evaluate_release", classifier_lr="evaluate_release")
 
 
@@ -166,7 +190,7 @@ def settings_of(args, state, device):
         preset = args.preset or ("paper" if device.startswith("cuda") else "cpu")
         return dataclasses.replace(PRESETS[preset], **given)
     try:
-        cfg, reached = Config(**state["cfg"]), runs.STAGES.index(state["stage"])
+        cfg, reached = saved_config(state["cfg"]), runs.STAGES.index(state["stage"])
         started = bool(state["step"] or state["samples"])  # the stage reached made some output
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"--resume: {args.resume} holds no valid settings") from None
@@ -211,12 +235,16 @@ REQUIREMENTS = dict(
     central_queries=(lambda v: 1 <= v <= 1000, "in 1..1000"),
     warmup_steps=(lambda v: 0 <= v <= MAX_COUNT, f"in 0..{MAX_COUNT}"),
     warmup_batch=(lambda v: 1 <= v <= MAX_COUNT, f"in 1..{MAX_COUNT}"),
+    frequency_sigma=(lambda v: 0 < v <= 1e6, "in (0, 1e6]"),
+    generator_steps=(lambda v: 0 <= v <= MAX_COUNT, f"in 0..{MAX_COUNT}"),
+    frequency_steps=(lambda v: 0 <= v <= MAX_COUNT, f"in 0..{MAX_COUNT}"),
     batch=(lambda v: v >= 1, ">= 1"), epochs=(lambda v: 0 < v <= 10_000, "in (0, 10000]"),
     noise_draws=(lambda v: 1 <= v <= 1024, "in 1..1024"),
     lr=(lambda v: 0 < v <= 1, "in (0, 1]"), clip=(lambda v: 1e-6 <= v <= 1e6, "in [1e-6, 1e6]"),
     ema=(lambda v: 0 <= v < 1, "in [0, 1)"), chunk=(lambda v: v >= 1, ">= 1"),
     sample_steps=(lambda v: 0 <= v <= 1000, "in 0..1000 (the diffusion steps; 0: ancestral)"),
     guidance=(lambda v: 0 <= v <= 100, "in [0, 100]"),
+    churn=(lambda v: 0 <= v <= 1000, "in [0, 1000]"),
     n_samples=(lambda v: 2 <= v <= MAX_COUNT, f"in 2..{MAX_COUNT}"),
     fid_n=(lambda v: v == 0 or 2 <= v <= MAX_COUNT,
            f"0 (no FID) or in 2..{MAX_COUNT} (two images a side at least)"),
@@ -239,10 +267,16 @@ def check_settings(cfg):
         if isinstance(value, (int, float)) and not (test(value) and value < float("inf")):
             raise ValueError(f"{flag(f.name)} must be {words}, got {value}")
     for name, allowed in dict(dataset=data.INFO, model=diffusion.MODEL_SIZES,
+                              formulation=diffusion.FORMULATIONS,
                               timesteps=diffusion.TIMESTEP_DISTS, solver=samplers.SOLVERS).items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name}: unknown '{getattr(cfg, name)}', choose one of "
                              f"{', '.join(allowed)}")
+    if cfg.formulation == "edm" and (cfg.sample_steps == 0 or cfg.timesteps != "uniform"):
+        raise ValueError("--formulation edm: needs --sample-steps >= 1 (no ancestral sampler) and "
+                         "draws its own noise levels (no --timesteps)")
+    if cfg.formulation == "ddpm" and (cfg.solver == "heun" or cfg.churn):
+        raise ValueError("--solver heun, --churn: EDM's sampler (--formulation edm)")
     if not cfg.dpsgd and not (cfg.central and cfg.warmup_steps):
         raise ValueError("--no-dpsgd: the warm-up on the central images is then all the training; "
                          "it needs the easy stage (no --no-central) and --warmup-steps >= 1")

@@ -36,6 +36,7 @@ import diffusion
 import distributed
 import dpsgd
 import evaluate
+import frequency
 import inception
 import randomness
 import runs
@@ -50,14 +51,16 @@ def privacy_plan(cfg, n):
     Both sampling rates are the exact inclusion probabilities of randomness.poisson_sample.
     The dataset size n is public (as in the paper): q = batch / n. With --no-dpsgd the central
     images are the only mechanism, and their own epsilon is the run's."""
-    history = [(randomness.sampling_rate(cfg.central_q), cfg.central_sigma,
-                cfg.central_queries)] if cfg.central else []
+    central_images = ((randomness.sampling_rate(cfg.central_q), cfg.central_sigma,
+                       cfg.central_queries) if cfg.central else None)
+    features = (1.0, cfg.frequency_sigma, 1) if cfg.frequency else None  # q = 1: the whole set
+    history = [mechanism for mechanism in (central_images, features) if mechanism]
     spent_before, order = accountant.epsilon(history, cfg.delta)
     if spent_before >= cfg.eps:
-        raise ValueError(f"--eps {cfg.eps:g} is not above the {spent_before:.4f} that the central "
-                         f"images alone spend: raise --eps or --central-sigma")
-    plan = dict(n=n, delta=cfg.delta, target_eps=cfg.eps, central=history[0] if history else None,
-                dpsgd=None, eps=spent_before, order=order)
+        raise ValueError(f"--eps {cfg.eps:g} is not above the {spent_before:.4f} that the releases "
+                         f"before DP-SGD spend: raise --eps, --central-sigma or --frequency-sigma")
+    plan = dict(n=n, delta=cfg.delta, target_eps=cfg.eps, central=central_images,
+                frequency=features, dpsgd=None, eps=spent_before, order=order)
     if not cfg.dpsgd:
         return plan
     if cfg.batch > n:
@@ -77,6 +80,9 @@ def print_plan(plan):
         q, sigma_c, queries = plan["central"]
         print(f"  central images: {queries} Poisson-subsampled Gaussian queries, q={q:g}, "
               f"sigma_c={sigma_c:g}")
+    if plan.get("frequency"):  # plans made before the frequency stage have no entry
+        print(f"  frequency features: one Gaussian release of the whole set, "
+              f"sigma_f={plan['frequency'][1]:g}")
     d = plan["dpsgd"]
     if d:
         print(f"  DP-SGD: {d['steps']} steps, q={d['q']:.5g}, noise multiplier "
@@ -110,6 +116,32 @@ def warm_up(model, optimizer, central_images, central_labels, cfg, ddpm, public,
         augmented = central.augment(pool_images[pick], public)
         x0 = diffusion.to_model_range(augmented)
         y_in, t, noise = ddpm.draw_inputs(pool_labels[pick], 1, x0.shape[1:], public)
+        loss = ddpm.loss(model, x0, y_in, t, noise).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        progress(step + 1, f" | loss {loss.item():.4f}")
+
+
+def release_frequency_features(sensitive_images, sensitive_labels, cfg, secret, seed):
+    """FETA-Pro's frequency stage, release (an option, --frequency): one Gaussian release of
+    the per-class sums of the images' random Fourier features (frequency.py). The third
+    function given the sensitive set; its noise comes from the secret generator, its
+    frequencies from the public `seed`."""
+    return frequency.release(sensitive_images, sensitive_labels, data.INFO[cfg.dataset]["classes"],
+                             cfg.frequency_sigma, seed, secret)
+
+
+def warm_up_on_features(model, optimizer, image_generator, cfg, ddpm, public, first_step,
+                        progress):
+    """FETA-Pro's frequency stage, learning: the diffusion loss on fresh images of the generator
+    fitted to the released features, no augmentation. Post-processing, like the first warm-up;
+    it draws from the public generator."""
+    for step in range(first_step, cfg.frequency_steps):
+        with torch.no_grad():
+            images, labels = image_generator.draw(cfg.warmup_batch, public)
+        x0 = diffusion.to_model_range(images.clamp(0, 1))
+        y_in, t, noise = ddpm.draw_inputs(labels, 1, x0.shape[1:], public)
         loss = ddpm.loss(model, x0, y_in, t, noise).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -271,7 +303,7 @@ def new_run(cfg, plan, folder, device, seed):
     public = torch.Generator(device).manual_seed(
         secrets.randbits(63) if seed is None else (seed + 1) % 2 ** 64)
     return runs.Run(folder, cfg, plan, device, model,
-                    diffusion.DDPM(timestep_dist=cfg.timesteps, num_classes=info["classes"]),
+                    diffusion.make_diffusion(cfg.formulation, info["classes"], cfg.timesteps),
                     *fresh_optimizer_and_ema(model, cfg), secret, public, seed is not None,
                     accountant.PrivacyLedger(cfg.delta))
 
@@ -324,6 +356,18 @@ def train(run, sensitive_images, sensitive_labels, team):
         print(f"[central] {len(images)} central images -> {run.path('central_images.png')}; "
               f"eps spent {run.ledger.epsilon()[0]:.3f}")
 
+    def frequency_features():
+        if not cfg.frequency:
+            return
+        seed = int(torch.randint(2 ** 62, (1,), generator=run.public))  # W's: public
+        release = (release_frequency_features(sensitive_images, sensitive_labels, cfg,
+                                              run.secret, seed) if team.is_main else None)
+        table, mechanism = team.from_rank0(release)
+        run.ledger.add("frequency features", *mechanism)
+        run.features = (table.cpu(), seed)
+        print(f"[frequency] released a {tuple(table.shape)} table of random Fourier features; "
+              f"eps spent {run.ledger.epsilon()[0]:.3f}")
+
     def warm():
         if cfg.central and cfg.warmup_steps:
             # Post-processing and cheap: every process runs the same steps from the same state.
@@ -332,6 +376,29 @@ def train(run, sensitive_images, sensitive_labels, team):
             if run.writes:
                 save_sample_grid(run.model, cfg, run.ddpm, run.public,
                                  run.path("warmup_samples.png"))
+
+    def warm_on_features():
+        if cfg.frequency:
+            # The generator is fitted again when a stopped stage resumes: the same table and
+            # seed give the same generator, so only its time is spent twice.
+            info = data.INFO[cfg.dataset]
+            table, seed = run.features
+            fit_progress = run.progress(cfg.generator_steps, keeps_step=True)
+            image_generator = frequency.fit_generator(
+                table, info["classes"], (info["channels"], info["size"], info["size"]), seed,
+                cfg.generator_steps, progress=fit_progress)
+            if run.writes and run.step == 0:
+                grid, _ = image_generator.draw(10 * info["classes"], torch.Generator().manual_seed(0),
+                                               torch.arange(info["classes"]).repeat_interleave(10))
+                data.save_grid(grid, run.path("feature_samples.png"), nrow=10)
+            warm_up_on_features(run.model, run.optimizer, image_generator, cfg, run.ddpm,
+                                run.public, run.step, run.progress(cfg.frequency_steps))
+            if run.writes:
+                save_sample_grid(run.model, cfg, run.ddpm, run.public,
+                                 run.path("warmup_samples.png"))
+        start_dpsgd()
+
+    def start_dpsgd():
         # DP-SGD starts from the raw warmed-up weights, with a fresh optimizer and EMA: on
         # every process rank 0's weights and generator states (it alone drew the central
         # images and the grid, and GPU kernels need not be bit-reproducible).
@@ -354,6 +421,7 @@ def train(run, sensitive_images, sensitive_labels, team):
                               torch.cat([p[1] for p in run.pieces]))
         save_sample_grid(run.ema.model, cfg, run.ddpm, run.public, run.path("samples.png"))
         data.save_side_by_side([("central images", run.path("central_images.png")),
+                                ("frequency generator", run.path("feature_samples.png")),
                                 ("after the warm-up", run.path("warmup_samples.png")),
                                 ("final samples", run.path("samples.png"))],
                                run.path("stages.png"))
@@ -375,7 +443,9 @@ def train(run, sensitive_images, sensitive_labels, team):
                                        run.options["inception"], fid_cache, stop_point)
 
     run.run_stage("release_central_images", central_images)
+    run.run_stage("release_frequency_features", frequency_features)
     run.run_stage("warm_up", warm)
+    run.run_stage("warm_up_on_features", warm_on_features)
     run.run_stage("train_dpsgd", dp_sgd)
     team.finish()  # synthesis and evaluation post-process the trained weights: rank 0 alone
     if team.is_main:

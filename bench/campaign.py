@@ -56,64 +56,84 @@ import train  # noqa: E402
 
 # The settings of the easy stage: a variant that keeps them all can branch from the trunk.
 EASY_STAGE = ("dataset", "delta", "central", "central_q", "central_sigma", "central_queries",
-              "warmup_steps", "warmup_batch", "model", "lr", "train_subset")
+              "frequency", "frequency_sigma", "generator_steps", "frequency_steps",
+              "warmup_steps", "warmup_batch", "model", "formulation", "lr", "train_subset")
 
 
 def post(run, tag, **sampling):
     return dict(id=f"{run}/{tag}", kind="post", run=run, **sampling)
 
 
-# In order of interest: the cheap post-processing levers on one model first, then retraining.
-# Every job names all the flags it changes from the first preset (C = 1, guidance 1, 2,000
-# images; job base-s<seed>), so a job means the same whatever the preset is now. The retraining
-# levers sample with guidance 0 and 10,000 images, which gave the best test accuracy on earlier
-# presets; FID preferred guidance 1 (README), so each is compared with base's model sampled the
-# same way (job base-s<seed>/g0-n10k). Batch variants keep --epochs, so they cost the same time:
-# 2048 x 103 and 512 x 410 steps.
-BASE = ["--clip", "1", "--guidance", "1", "--n-samples", "2000"]
-G0 = ["--clip", "1", "--guidance", "0", "--n-samples", "10000"]
-C01 = ["--clip", "0.1", "--guidance", "0", "--n-samples", "10000"]
-JOBS = [
-    dict(id="trunk-s0", kind="trunk", seed=0),
+# The DDPM campaign (rows of 2026-12-04/05, all done): the first preset and its levers. Every
+# job names all the flags it changes from the first preset (C = 1, guidance 1, 2,000 images;
+# job base-s<seed>), so a job means the same whatever the preset is now. Its queued C = 1
+# variants that never ran (EMA 0.99, batch 2048 and 512) were dropped: C = 0.1 replaced C = 1.
+BASE = ["--formulation", "ddpm", "--clip", "1", "--guidance", "1", "--n-samples", "2000"]
+G0 = ["--formulation", "ddpm", "--clip", "1", "--guidance", "0", "--n-samples", "10000"]
+C01 = ["--formulation", "ddpm", "--clip", "0.1", "--guidance", "0", "--n-samples", "10000"]
+DDPM_TRUNK = ["--formulation", "ddpm"]
+DDPM_JOBS = [
+    dict(id="trunk-s0", kind="trunk", seed=0, flags=DDPM_TRUNK),
     dict(id="base-s0", kind="train", seed=0, flags=BASE),
     post("base-s0", "g0-n10k", guidance=0.0, n=10000),
     dict(id="noisy-g0-s0", kind="train", seed=0, flags=[*G0, "--timesteps", "noisy"]),
-    # C = 1 is about 3x the median per-example gradient norm (0.3): most of each step is noise.
     dict(id="clip0.1-g0-s0", kind="train", seed=0, flags=C01),
     dict(id="lognormal-g0-s0", kind="train", seed=0, flags=[*G0, "--timesteps", "lognormal"]),
-    # Seeds 1 and 2: base, its model sampled with guidance 0, and C = 0.1 (the best lever at
-    # seed 0), each branched from its seed's trunk, so each comparison is paired.
     *[job for seed in (1, 2) for job in (
-        dict(id=f"trunk-s{seed}", kind="trunk", seed=seed),
+        dict(id=f"trunk-s{seed}", kind="trunk", seed=seed, flags=DDPM_TRUNK),
         dict(id=f"base-s{seed}", kind="train", seed=seed, flags=BASE),
         post(f"base-s{seed}", "g0-n10k", guidance=0.0, n=10000),
         dict(id=f"clip0.1-g0-s{seed}", kind="train", seed=seed, flags=C01))],
-    # Sampling the C = 0.1 model: guidance 1 and 0.5 (at 10,000 images, to separate guidance
-    # from their number), and 2,000 images at guidance 0 (what the 10,000 cost and give).
     post("clip0.1-g0-s0", "g1-n10k", guidance=1.0, n=10000),
     post("clip0.1-g0-s0", "g0.5-n10k", guidance=0.5, n=10000),
     post("clip0.1-g0-s0", "g0-n2k", guidance=0.0, n=2000),
-    # The comparison rows under C = 0.1: no easy stage, and eps = 10.
     dict(id="clip0.1-no-central-g0-s0", kind="train", seed=0, flags=[*C01, "--no-central"]),
     dict(id="clip0.1-eps10-g0-s0", kind="train", seed=0, flags=[*C01, "--eps", "10"]),
-    dict(id="clip0.1-noisy-g0-s0", kind="train", seed=0, flags=[*C01, "--timesteps", "noisy"]),
-    dict(id="no-central-g0-s0", kind="train", seed=0, flags=[*G0, "--no-central"]),
-    dict(id="eps10-g0-s0", kind="train", seed=0, flags=[*G0, "--eps", "10"]),
     post("base-s0", "g0.5-n10k", guidance=0.5, n=10000),
-    post("base-s0", "g1-n2k-seed1", guidance=1.0, n=2000, sample_seed=1),  # the protocol's noise
-    post("base-s0", "g0-n10k-seed1", guidance=0.0, n=10000, sample_seed=1),
-    post("base-s0", "g0-n2k", guidance=0.0, n=2000),
-    dict(id="ema0.99-g0-s0", kind="train", seed=0, flags=[*G0, "--ema", "0.99"]),
-    dict(id="b2048-g0-s0", kind="train", seed=0, flags=[*G0, "--batch", "2048"]),
-    dict(id="b512-g0-s0", kind="train", seed=0, flags=[*G0, "--batch", "512"]),
-    post("base-s0", "g0-n20k", guidance=0.0, n=20000),
-    post("base-s0", "g0-n10k-c30", guidance=0.0, n=10000, classifier_epochs=30),
-    # The classifier's side on the preset's model: three times the epochs on the run's own
-    # 10,000 images (paired with its row), and twice the images.
     post("clip0.1-g0-s0", "own-c30", guidance=0.0, n=10000, classifier_epochs=30,
          own_samples=True),
     post("clip0.1-g0-s0", "g0-n20k", guidance=0.0, n=20000),
 ]
+
+# The EDM campaign (issue: the paper's diffusion model and the levers not yet tried). EDM is
+# the DDPM preset (C = 0.1, guidance 0, 10,000 images, DPM-Solver++(2M) in 15 steps) with the
+# official code's formulation, paired by seed with clip0.1-g0-s<seed>. Its levers are paired
+# with edm-s0 (each branches from trunk-edm-s0 unless it changes the easy stage): cheapest
+# first, the DP-SGD-only ones; then those that need their own warm-up.
+EDM = ["--formulation", "edm", "--clip", "0.1", "--guidance", "0", "--n-samples", "10000",
+       "--solver", "dpm2m", "--sample-steps", "15", "--churn", "0"]
+
+
+def edm_trunk(seed, tag="", flags=()):
+    return dict(id=f"trunk-edm{tag}-s{seed}", kind="trunk", seed=seed, flags=[*EDM, *flags])
+
+
+def edm(seed, tag="", flags=()):
+    return dict(id=f"edm{tag}-s{seed}", kind="train", seed=seed, flags=[*EDM, *flags])
+
+
+EDM_JOBS = [
+    edm_trunk(0), edm(0),
+    *[job for seed in (1, 2) for job in (edm_trunk(seed), edm(seed))],
+    # DP-SGD levers (same warm-up): all examples clipped; steps against batch at equal epochs
+    # (equal time); K = 4 noise draws at a quarter of the batch (equal per-example passes);
+    # EMA decay.
+    edm(0, "-c0.01", ["--clip", "0.01"]),
+    edm(0, "-b512", ["--batch", "512"]),
+    edm(0, "-b256k4", ["--batch", "256", "--noise-draws", "4"]),
+    edm(0, "-ema0.99", ["--ema", "0.99"]),
+    edm(0, "-b2048", ["--batch", "2048"]),
+    # The sampler at equal network passes (15): Heun's 8 steps, Euler's 15.
+    post("edm-s0", "heun8", guidance=0.0, n=10000, solver="heun", steps=8),
+    post("edm-s0", "ddim15", guidance=0.0, n=10000, solver="ddim", steps=15),
+    # Levers of the easy stage (their own warm-up): the official warm-up length, the paper's
+    # learning rate, and a larger share of epsilon left to DP-SGD (central sigma 10).
+    edm_trunk(0, "-w2000", ["--warmup-steps", "2000"]), edm(0, "-w2000", ["--warmup-steps", "2000"]),
+    edm_trunk(0, "-lr3e-4", ["--lr", "3e-4"]), edm(0, "-lr3e-4", ["--lr", "3e-4"]),
+    edm_trunk(0, "-cs10", ["--central-sigma", "10"]),
+    edm(0, "-cs10", ["--central-sigma", "10"]),
+]
+JOBS = DDPM_JOBS + EDM_JOBS
 
 
 # bf16 autocast only where the CPU has bf16 kernels (AVX-512 or AMX): on an AVX2 CPU it is
@@ -146,7 +166,8 @@ def branch(trunk, folder, cfg, n):
                                              for k in ("channels", "size", "classes")))
     model.load_state_dict(state["model"])  # the raw warmed-up weights DP-SGD starts from
     optimizer, ema = train.fresh_optimizer_and_ema(model, cfg)
-    easy, dpsgd = runs.STAGES[:2], runs.STAGES[2]  # the trunk's stages; the branch starts at DP-SGD
+    dpsgd = "train_dpsgd"  # the branch starts there; the stages before it are the trunk's
+    easy = runs.STAGES[:runs.STAGES.index(dpsgd)]
     state.update(cfg=dataclasses.asdict(cfg), plan=train.privacy_plan(cfg, n),
                  stage=dpsgd, step=0, samples=[], metrics={},
                  timings={k: v for k, v in state["timings"].items() if k in easy},
@@ -154,7 +175,8 @@ def branch(trunk, folder, cfg, n):
     os.makedirs(folder, exist_ok=True)
     # The trunk's FID statistics of the real images too: the same images, computed once.
     for name in os.listdir(trunk):
-        if name in ("central_images.png", "warmup_samples.png") or name.startswith("fid_stats"):
+        if (name in ("central_images.png", "feature_samples.png", "warmup_samples.png")
+                or name.startswith("fid_stats")):
             shutil.copy(os.path.join(trunk, name), folder)
     runs.save_checkpoint(folder, state)
 
@@ -185,7 +207,7 @@ def train_row(job, folder, args):
     report = json.load(open(os.path.join(folder, runs.REPORT)))
     accuracy, fid = report["metrics"].get("accuracy", {}), report["metrics"].get("fid") or {}
     plan = report["privacy_plan"]
-    cfg = settings.Config(**report["settings"])
+    cfg = settings.saved_config(report["settings"])
     score = scores(*evaluate.load_samples(os.path.join(folder, "samples.npz"), cfg.dataset), cfg,
                    args, cfg.classifier_epochs)
     if score["test_accuracy"] != accuracy.get("test_accuracy"):  # the same classifier again
@@ -197,18 +219,27 @@ def train_row(job, folder, args):
                 **score, **{f"s_{k}": round(v, 1) for k, v in report["timings_s"].items()})
 
 
+def trunk_of(job, cfg, args):
+    """The trunk job a train job branches from: same seed, same easy stage (None: none)."""
+    for trunk in JOBS:
+        if trunk["kind"] == "trunk" and trunk["seed"] == job["seed"]:
+            trunk_cfg = config_of([*trunk["flags"], "--no-dpsgd"], args, trunk["seed"])
+            if all(getattr(cfg, k) == getattr(trunk_cfg, k) for k in EASY_STAGE):
+                return trunk
+    return None
+
+
 def do_train(job, args):
     folder = os.path.join(args.out, job["id"])
-    trunk = os.path.join(args.out, f"trunk-s{job['seed']}")
     if not os.path.exists(os.path.join(folder, runs.CHECKPOINT)):
         cfg = config_of(job["flags"], args, job["seed"])
-        trunk_cfg = config_of(["--no-dpsgd"], args, job["seed"])
-        n = len(data.load(cfg.dataset, "train", args.data_dir)[1][:cfg.train_subset or None])
-        if cfg.central and all(getattr(cfg, k) == getattr(trunk_cfg, k) for k in EASY_STAGE):
-            if not os.path.exists(os.path.join(trunk, runs.CHECKPOINT)):
-                # A trunk lost with its machine is made again: the same seed, the same warm-up.
-                do_trunk(dict(id=os.path.basename(trunk), seed=job["seed"]), args)
-            branch(trunk, folder, cfg, n)
+        trunk = trunk_of(job, cfg, args) if cfg.central else None
+        if trunk is not None:
+            trunk_folder = os.path.join(args.out, trunk["id"])
+            if not os.path.exists(os.path.join(trunk_folder, runs.CHECKPOINT)):
+                do_trunk(trunk, args)  # a trunk lost with its machine: the same seed, again
+            n = len(data.load(cfg.dataset, "train", args.data_dir)[1][:cfg.train_subset or None])
+            branch(trunk_folder, folder, cfg, n)
         else:
             run_train(["--preset", args.preset, "--out", folder, "--seed", str(job["seed"]),
                        *MACHINE_FLAGS, *job["flags"]], args)
@@ -223,7 +254,7 @@ def do_trunk(job, args):
     report = os.path.join(folder, runs.REPORT)
     if not os.path.exists(report):
         run_train(["--preset", args.preset, "--no-dpsgd", "--out", folder, "--seed",
-                   str(job["seed"]), *MACHINE_FLAGS], args)
+                   str(job["seed"]), *MACHINE_FLAGS, *job["flags"]], args)
     elif json.load(open(report))["stage"] != "done":
         run_train(["--resume", folder], args)
     return train_row(job, folder, args)
@@ -234,10 +265,11 @@ def do_post(job, args):
     if not os.path.exists(os.path.join(folder, runs.CHECKPOINT)):
         do_train(next(j for j in JOBS if j["id"] == job["run"]), args)  # lost: trained again
     cfg, model = sample.load_trained_model(folder)
-    ddpm = diffusion.DDPM(num_classes=data.INFO[cfg.dataset]["classes"])
+    ddpm = diffusion.make_diffusion(cfg.formulation, data.INFO[cfg.dataset]["classes"])
     how = dataclasses.replace(cfg, guidance=job["guidance"],
                               sample_steps=job.get("steps", cfg.sample_steps),
-                              solver=job.get("solver", cfg.solver))
+                              solver=job.get("solver", cfg.solver),
+                              churn=job.get("churn", cfg.churn))
     # own_samples: the run's own images (samples.npz, drawn by train.py), to score them again
     kept = os.path.join(folder, "samples.npz" if job.get("own_samples")
                         else f"post-{job['id'].split('/')[1]}.npz")
@@ -265,9 +297,9 @@ def do_post(job, args):
 
 
 FIELDS = ["id", "kind", "commit", "flags", "eps", "sigma", "steps", "synthetic_val_accuracy",
-          "real_train_accuracy", "test_accuracy", "fid", "s_release_central_images", "s_warm_up",
-          "s_train_dpsgd", "s_synthesize", "s_evaluate_release", "s_classifier", "s_fid",
-          "finished"]
+          "real_train_accuracy", "test_accuracy", "fid", "s_release_central_images",
+          "s_release_frequency_features", "s_warm_up", "s_warm_up_on_features", "s_train_dpsgd",
+          "s_synthesize", "s_evaluate_release", "s_classifier", "s_fid", "finished"]
 
 
 def finished_jobs(path):

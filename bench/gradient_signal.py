@@ -57,7 +57,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     state = runs.load_checkpoint(args.run)
-    cfg = settings.Config(**state["cfg"])
+    cfg = settings.saved_config(state["cfg"])
     info = data.INFO[cfg.dataset]
     model = diffusion.make_unet(cfg.model, info["channels"], info["size"], info["classes"])
     model.load_state_dict(state["model"])

@@ -236,6 +236,44 @@ def test_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(finished_run, m
                           np.load(pieces / "samples.npz")["images"])
 
 
+# FETA-Pro's frequency stage in the tiny preset: a 10-step generator fit, 6 warm-up steps on it.
+FREQUENCY = ["--frequency", "--n-samples", "20", "--classifier-epochs", "1", *NO_FID]
+
+
+def test_frequency_stage_is_a_third_ledger_entry_and_resumes_bit_for_bit(mnist_dir, tmp_path,
+                                                                        monkeypatch):
+    """--frequency: the plan and the ledger compose the central images, ONE release of the
+    features (q = 1) and DP-SGD, in that order, within the budget; the generator's picture is
+    written; and a run stopped inside the warm-up on the generator's images (whose generator is
+    fitted again on resume) ends bit for bit where an uninterrupted run ends."""
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    assert train.main(tiny_args(mnist_dir, whole, *FREQUENCY)) == 0
+    report = read_report(whole)
+    plan = report["privacy_plan"]
+    history = train.accountant.PrivacyLedger.from_dict(report["privacy_ledger"]).history
+    assert plan["frequency"] == [1.0, TINY.frequency_sigma, 1]
+    steps = plan["dpsgd"]["steps"]
+    assert history == [tuple(plan["central"]), (1.0, TINY.frequency_sigma, 1),
+                       (plan["dpsgd"]["q"], plan["dpsgd"]["sigma"], steps)]
+    assert report["privacy_spent"]["eps"] <= 1.0
+    without = train.privacy_plan(dataclasses.replace(TINY, eps=1.0), plan["n"])
+    assert plan["dpsgd"]["sigma"] > without["dpsgd"]["sigma"]  # the release costs DP-SGD noise
+    assert (whole / "feature_samples.png").exists()
+    # stop at the 3rd step on the generator's images: after the warm-up's steps and the fit's
+    stop_after(monkeypatch, TINY.warmup_steps + TINY.generator_steps + 2)
+    assert train.main(tiny_args(mnist_dir, pieces, *FREQUENCY)) == 130
+    state = runs.load_checkpoint(pieces)
+    assert (state["stage"], state["step"]) == ("warm_up_on_features", 3)
+    stop_after(monkeypatch, 10 ** 9)
+    assert train.main(["--resume", str(pieces)]) == 0
+    a, b = runs.load_checkpoint(whole), runs.load_checkpoint(pieces)
+    for name, tensor in a["ema"]["model"].items():
+        assert torch.equal(tensor, b["ema"]["model"][name]), name
+    assert a["ledger"] == b["ledger"]
+    assert np.array_equal(np.load(whole / "samples.npz")["images"],
+                          np.load(pieces / "samples.npz")["images"])
+
+
 def test_secret_entropy_that_agrees_in_the_low_32_bits_gives_different_central_images(
         mnist_dir, tmp_path, monkeypatch):
     """torch's CPU generator keeps only the low 32 bits of a manual seed. Two runs whose OS
@@ -656,15 +694,16 @@ def test_a_resume_that_cannot_write_is_one_line_and_loses_nothing(
 
 
 # ------------------------------------------------------------------------- data flow
-def test_only_the_two_mechanisms_read_the_sensitive_set():
+def test_only_the_mechanisms_read_the_sensitive_set():
     """The privacy argument in the code's shape: in train.py the sensitive arrays (loaded in
     main) are passed only to `train` (through train_to_the_end), which hands them only to
-    release_central_images and train_dpsgd; nothing else reads them. Where they are loaded,
+    release_central_images, release_frequency_features (--frequency) and train_dpsgd; nothing
+    else reads them. Where they are loaded,
     len() (N, public) and data.digest (kept in the private checkpoint only, to refuse a resume
     on other data; test_every_stage_end_to_end checks that the report lacks it) are allowed."""
     sensitive = {"sensitive_images", "sensitive_labels"}
     loader = train.main.__name__
-    readers = {"release_central_images", "train_dpsgd"}
+    readers = {"release_central_images", "release_frequency_features", "train_dpsgd"}
     tree = ast.parse(inspect.getsource(train))
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for function in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
@@ -683,10 +722,11 @@ def test_only_the_two_mechanisms_read_the_sensitive_set():
                                                        and function.name == loader))
             ok = ok or (function.name == loader and isinstance(parent, ast.Subscript))  # subset
             assert ok, f"{function.name} uses {node.id} at line {node.lineno}"
-    # and the two readers are the ones that get the secret generator
-    assert "secret" in inspect.signature(train.release_central_images).parameters
-    assert "secret" in inspect.signature(train.train_dpsgd).parameters
-    for stage in (train.warm_up, train.synthesize, train.evaluate_release):
+    # and the readers are the ones that get the secret generator
+    for reader in readers:
+        assert "secret" in inspect.signature(getattr(train, reader)).parameters
+    for stage in (train.warm_up, train.warm_up_on_features, train.synthesize,
+                  train.evaluate_release):
         assert not {"secret", "sensitive_images"} & set(inspect.signature(stage).parameters)
 
 
