@@ -133,7 +133,13 @@ EDM_JOBS = [
     edm_trunk(0, "-cs10", ["--central-sigma", "10"]),
     edm(0, "-cs10", ["--central-sigma", "10"]),
 ]
-JOBS = DDPM_JOBS + EDM_JOBS
+# FETA-Pro's frequency stage on the EDM preset, paired by seed with edm-s<seed>: its warm-up
+# alone (--no-dpsgd: central images and the frequency release, eps ~0.2), then with DP-SGD.
+FREQUENCY = [*EDM, "--frequency"]
+FREQUENCY_JOBS = [job for seed in (0, 1, 2) for job in (
+    dict(id=f"trunk-freq-s{seed}", kind="trunk", seed=seed, flags=FREQUENCY),
+    dict(id=f"freq-s{seed}", kind="train", seed=seed, flags=FREQUENCY))]
+JOBS = DDPM_JOBS + EDM_JOBS + FREQUENCY_JOBS
 
 
 # bf16 autocast only where the CPU has bf16 kernels (AVX-512 or AMX): on an AVX2 CPU it is
