@@ -153,6 +153,10 @@ def _fractional_terms(q, sigma, alphas, n_terms):
     a, i = alphas[:, None], np.arange(n_terms)[None, :]
     j = a - i
     log_binom, sign = _log_binom(a, i), gammasgn(a - i + 1)  # C(alpha, i) alternates for i > alpha
+    # An order within rounding of an integer (2 + 1e-15) puts alpha - i + 1 on a pole of Gamma
+    # for large i, where gammasgn is NaN: C(alpha, i) is then below 1e-15 of its neighbours'
+    # size and far in the tail; it is taken as 0.
+    sign = np.where(np.isfinite(log_binom), sign, 0.0)
     log_1 = (log_binom + j * np.log1p(-q) + i * np.log(q)
              + (i * i - i) / (2 * sigma ** 2) + log_ndtr((z0 - i) / sigma))
     log_2 = (log_binom + j * np.log(q) + i * np.log1p(-q)

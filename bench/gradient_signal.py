@@ -1,9 +1,9 @@
 """Where DP-SGD's gradient signal goes, on a run's checkpoint: the per-example gradient norms by
-diffusion timestep, and one step's signal-to-noise ratio at several clip norms C.
+diffusion noise level, and one step's signal-to-noise ratio at several clip norms C.
 
     OMP_NUM_THREADS=1 python bench/gradient_signal.py RUN --data-dir ../shared/data/mnist
 
-For n training images drawn at random, with the run's timestep law and noise draws: signal is
+For n training images drawn at random, with the run's noise-level law and draws: signal is
 the norm of the expected clipped per-example gradient, estimated from the products of distinct
 examples only (the squared norm of a mean of n would add 1/n of their spread); noise is the norm
 of one step's Gaussian noise after the division by the expected batch B, sigma C sqrt(P) / B for
@@ -51,7 +51,7 @@ def main():
                                "--no-dpsgd run, DP-SGD's end for a finished one)")
     p.add_argument("--data-dir")
     p.add_argument("--n", type=int, default=256, help="training images to measure on")
-    p.add_argument("--clips", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
+    p.add_argument("--clips", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5, 1.0])
     p.add_argument("--timesteps", choices=diffusion.TIMESTEP_DISTS,
                    help="timestep law (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
@@ -66,19 +66,23 @@ def main():
     plan = train.privacy_plan(dataclasses.replace(cfg, dpsgd=True), len(images))["dpsgd"]
     generator = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(len(images), generator=generator)[:args.n]
-    ddpm = diffusion.DDPM(timestep_dist=args.timesteps or cfg.timesteps,
-                          num_classes=info["classes"])
-    grads, t = per_example_gradients(model, ddpm, diffusion.to_model_range(images[pick]),
+    process = diffusion.make_diffusion(cfg.formulation, info["classes"],
+                                       args.timesteps or cfg.timesteps)
+    grads, t = per_example_gradients(model, process, diffusion.to_model_range(images[pick]),
                                      labels[pick], cfg.noise_draws, generator)
     norms, t = grads.norm(dim=1), t.float().mean(1)
-    print(f"{args.run}: {args.n} examples, timesteps {ddpm.timestep_dist}, K = "
-          f"{cfg.noise_draws}, sigma {plan['sigma']:.3f} at expected batch {cfg.batch}")
-    # With K > 1 draws an example has K timesteps: it is banded by their mean.
-    print("per-example gradient norm, median by timestep:")
-    for low, high in ((0, 100), (100, 400), (400, 700), (700, 1000)):
+    edm = cfg.formulation == "edm"  # its noise level is sigma, DDPM's a timestep index
+    print(f"{args.run}: {args.n} examples, {cfg.formulation}"
+          f"{'' if edm else ', timesteps ' + process.timestep_dist}, K = {cfg.noise_draws}, "
+          f"sigma {plan['sigma']:.3f} at expected batch {cfg.batch}")
+    # With K > 1 draws an example has K noise levels: it is banded by their mean.
+    name, bands = (("noise level sigma", ((0, 0.1), (0.1, 0.5), (0.5, 2), (2, 1e9))) if edm else
+                   ("timestep", ((0, 100), (100, 400), (400, 700), (700, 1000))))
+    print(f"per-example gradient norm, median by {name}:")
+    for low, high in bands:
         band = (t >= low) & (t < high)
         if band.any():
-            print(f"  t in [{low}, {high}): {band.sum().item():4d} examples, "
+            print(f"  {name} in [{low:g}, {high:g}): {band.sum().item():4d} examples, "
                   f"{norms[band].median().item():.3f}")
     print(f"  all: median {norms.median().item():.3f}")
     print("| C | clipped | signal | noise | signal / noise |\n|---|---|---|---|---|")

@@ -114,9 +114,28 @@ def test_epsilon_matches_references(history, delta, eps_opacus, eps_dp_accountin
         assert eps == pytest.approx(eps_dp_accounting, rel=1e-9)
 
 
-def test_default_grid_is_at_least_the_required_one():
-    required = [1 + x / 10 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
-    assert set(np.round(required, 10)) <= set(np.round(accountant.DEFAULT_ORDERS, 10))
+@pytest.mark.parametrize("history, slack", [
+    ([(0.1, 5, 5)], 1e-3),                                    # the central images alone
+    ([(0.1, 5, 5), (1024 / 60000, 1.371, 205)], 1e-3),        # the cpu preset
+    ([(0.1, 5, 5), (1 / 15, 13.1, 2250)], 1e-3),              # the paper preset, eps 1
+    ([(0.1, 5, 5), (1 / 15, 1.84, 2250)], 1e-3),              # the paper preset, eps 10
+    ([(0.1, 5, 5), (1.0, 26.6, 1), (1024 / 60000, 1.379, 205)], 1e-3),  # cpu + --frequency
+    ([(1.0, 26.6, 1)], 0.04)])                                # the frequency release alone
+def test_default_grid_is_nearly_as_tight_as_a_fine_one(history, slack):
+    # A grid only ever over-reports (epsilon is a minimum over its orders), but too coarse a
+    # grid, or one that stops short of the best order, reports far more than the mechanism
+    # spends. Against 2,900 orders from 1.01 to 2,000: within 0.1 % for the runs DP-FETA makes;
+    # the frequency release alone (best order near 100, between the grid's 63 and 128) 4 %.
+    fine = np.concatenate([np.arange(1.01, 11, 0.01), np.arange(11, 2000, 0.5)])
+    coarse, tight = epsilon(history, 1e-5)[0], epsilon(history, 1e-5, orders=fine)[0]
+    assert tight <= coarse <= tight * (1 + slack)
+
+
+def test_orders_within_rounding_of_an_integer_are_accounted():
+    # 2 + 1e-15 put Gamma's poles into the fractional series (NaN): now the integer's value.
+    for order in (2.000000000000001, 7.000000000000005):
+        value = accountant.rdp(0.1, 5, 5, [order])[0]
+        assert value == pytest.approx(accountant.rdp(0.1, 5, 5, [round(order)])[0], rel=1e-9)
 
 
 # ------------------------------------------------------------------ independent checks
@@ -304,7 +323,8 @@ def test_calibration_round_trips():
 
 
 def test_two_stage_dp_feta_history_gives_the_reported_sigmas():
-    # PAPER.md: with the central stage included, sigma ~ 13.1 at eps = 1 and ~ 1.84 at eps = 10
+    # The paper's MNIST protocol (Li et al. 2025): with the central stage included, sigma ~ 13.1
+    # at eps = 1 and ~ 1.84 at eps = 10
     assert calibrate_sigma(1.0, 1e-5, 1 / 15, 2250, history=[CENTRAL]) == pytest.approx(13.1, abs=0.05)
     assert calibrate_sigma(10.0, 1e-5, 1 / 15, 2250, history=[CENTRAL]) == pytest.approx(1.84, abs=0.01)
     assert epsilon([CENTRAL], 1e-5)[0] == pytest.approx(0.19, abs=0.005)  # "about 0.19"

@@ -27,16 +27,10 @@ def test_unet_output_shape(size_name, channels, size):
 
 
 def test_paper_size_has_about_1_5_million_parameters():
-    # The official DP-FETA UNet for 28x28 has 1.49 M parameters (PAPER.md section 3).
+    # The official DP-FETA code's NCSN++ for 28x28 images has 1,485,217 parameters.
     n = count_parameters(make_unet("paper", 1, 28, 10))
     print(f"paper UNet: {n} parameters")
     assert abs(n - 1.5e6) <= 0.1 * 1.5e6
-
-
-def test_small_size_is_smaller_than_paper():
-    n = count_parameters(make_unet("small", 1, 28, 10))
-    print(f"small UNet: {n} parameters")
-    assert n < count_parameters(make_unet("paper", 1, 28, 10)) / 2
 
 
 def test_output_layer_is_zero_initialised():
@@ -173,13 +167,6 @@ def test_draw_inputs_shapes_and_label_dropout_rate():
         with pytest.raises(ValueError, match=word):
             ddpm.draw_inputs(**{**dict(y=y[:5], num_draws=1, image_shape=(1, 4, 4),
                                        generator=g), **kwargs})
-
-
-def test_draw_inputs_is_deterministic_for_a_seed():
-    ddpm, y = DDPM(), torch.arange(10)
-    a = ddpm.draw_inputs(y, 2, (1, 4, 4), torch.Generator().manual_seed(5))
-    b = ddpm.draw_inputs(y, 2, (1, 4, 4), torch.Generator().manual_seed(5))
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
 @pytest.mark.parametrize("dist", ["uniform", "noisy", "lognormal"])

@@ -388,13 +388,21 @@ def test_the_update_is_the_float64_noisy_sum_cast_once():
 
 
 def test_empty_batch_takes_a_noise_only_step():
+    # An empty Poisson batch still gets its noise (skipping it would reveal the batch was
+    # empty): the gradient handed to the optimizer is exactly the generator's N(0, (sigma C)^2)
+    # draw divided by qN, formed in float64 and cast to float32. (SGD at lr 0 leaves the grads
+    # to read; under Adam any nonzero gradient would move the weights, which proves little.)
     model = make_net()
-    before = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     x, y = small_batch(0)
-    dpsgd.dp_step(model, optimizer, classification_loss, (x, y), 1.0, 1.0, 8.0,
-                  torch.Generator().manual_seed(0), chunk_size=4)
-    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    sigma, clip, expected_batch = 1.5, 0.7, 8.0
+    dpsgd.dp_step(model, optimizer, classification_loss, (x, y), clip, sigma, expected_batch,
+                  torch.Generator().manual_seed(3), chunk_size=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    z = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+    expected = ((0.0 + sigma * clip * z) / expected_batch).float()
+    assert torch.equal(torch.cat([p.grad.flatten() for p in params]), expected)
 
 
 # ---------------------------------------------------------------- refusals

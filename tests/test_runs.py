@@ -3,7 +3,9 @@ lock, the stop signals, and what Progress lets an observer see of DP-SGD's steps
 
 train.py's use of them, end to end, is tested in test_train.py.
 """
+import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import pytest
 
 import runs
 import settings
+import train
 
 
 # ------------------------------------------------------------------------- files and lock
@@ -147,11 +150,14 @@ def test_progress_checks_the_weights_at_each_block_end_before_writing():
     assert checked == [10, 20] and written == [10]  # the NaN weights were never written
 
 
-def test_stage_names_are_declared_once():
-    """runs.STAGES is the checkpoint's name for each stage; the other modules use its names."""
-    assert runs.STAGES[-1] == "done" and len(set(runs.STAGES)) == len(runs.STAGES)
-    assert set(settings.AFTER_TRAINING.values()) <= set(runs.STAGES)
-    assert runs.TRAINED == ("synthesize", "evaluate_release", "done")
+def test_train_runs_every_stage_once_in_the_checkpoints_order():
+    """runs.STAGES names the stages in checkpoints, and a resume skips by its order: train.py
+    must run exactly those stages, each once, in that order (a renamed, added or reordered
+    stage would resume a run at the wrong place)."""
+    source = inspect.getsource(train.train)
+    called = re.findall(r'run_stage\("(\w+)"', source)
+    assert called == list(runs.STAGES[:-1]) and runs.STAGES[-1] == "done"
+    assert set(settings.AFTER_TRAINING.values()) <= set(runs.TRAINED)
 
 
 def test_run_stage_skips_stages_done_and_checkpoints_after_each():

@@ -234,15 +234,30 @@ def test_sample_uniform_stopped_between_batches_continues_as_one_loop(channels, 
         assert not torch.equal(images[:, 1], images[:, 2])
 
 
-def test_settings_of_a_run_are_the_samplers_arguments():
-    # A run's 0 sample steps means the ancestral sampler (steps=None), not zero steps.
-    cfg = dataclasses.replace(settings.TINY, sample_steps=0, guidance=1.5, autocast=True,
-                              solver="dpm2m")
-    assert samplers.settings_of(cfg) == dict(steps=None, guidance=1.5, autocast=True,
-                                             solver="dpm2m", churn=0.0)
-    cfg = dataclasses.replace(cfg, sample_steps=15, guidance=0.0, autocast=False, solver="ddim")
-    assert samplers.settings_of(cfg) == dict(steps=15, guidance=0.0, autocast=False,
-                                             solver="ddim", churn=0.0)
+def test_a_runs_sampler_settings_choose_the_sampler():
+    # What train.py and sample.py hand to the sampler (samplers.settings_of): for a DDPM, 0
+    # steps is the ancestral chain (one call per timestep), n steps n calls of the named solver;
+    # guidance doubles the batch of each call.
+    ddpm = DDPM(num_steps=20, num_classes=2)
+    for steps, solver, guidance, calls in [(0, "ddim", 0.0, [3] * 20), (6, "ddim", 0.0, [3] * 6),
+                                           (6, "dpm2m", 1.0, [6] * 6)]:
+        model = OracleX0(ddpm, torch.tensor([-0.5, 0.5, 0.0]))
+        cfg = dataclasses.replace(settings.TINY, formulation="ddpm", sample_steps=steps,
+                                  solver=solver, guidance=guidance, churn=0.0, autocast=False)
+        samplers.sample(ddpm, model, torch.tensor([0, 1, 1]), torch.Generator().manual_seed(0),
+                        image_shape=(1, 2, 2), **samplers.settings_of(cfg))
+        assert model.calls == calls, (steps, solver)
+    # For EDM: Heun's 2 n - 1 calls, and its churn reaches the sampler (other images).
+    edm = diffusion.EDM(num_classes=2)
+    model = randomise_output_layer(tiny_unet(num_classes=2), seed=3)
+    images = {}
+    for churn in (0.0, 30.0):
+        cfg = dataclasses.replace(settings.TINY, formulation="edm", sample_steps=4,
+                                  solver="heun", churn=churn, autocast=False)
+        images[churn] = samplers.sample(edm, model, torch.tensor([0, 1]),
+                                        torch.Generator().manual_seed(0),
+                                        **samplers.settings_of(cfg))
+    assert not torch.equal(images[0.0], images[30.0])
 
 
 def test_bad_sampling_arguments_raise():
