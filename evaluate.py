@@ -346,8 +346,7 @@ def main(argv=None):
                                        seed=args.seed, device=device, progress=_stderr)
         result = dict(samples=args.samples, dataset=args.dataset, fid=fid_value, fid_images=n,
                       accuracy=accuracy["test_accuracy"], classifier=accuracy)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
+        runs.atomic_write(out, lambda f: json.dump(result, f, indent=2), "w")
     except (WeightsError, ValueError, data.DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

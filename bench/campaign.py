@@ -30,6 +30,7 @@ import argparse
 import csv
 import dataclasses
 import fcntl
+import io
 import json
 import os
 import re
@@ -341,11 +342,11 @@ def record(path, row):
             rows[i] = row
         else:
             rows.append(row)
-        with open(path + ".new", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(path + ".new", path)
+        text = io.StringIO(newline="")  # csv writes its own line ends (\r\n)
+        writer = csv.DictWriter(text, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        runs.atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def table(path):
