@@ -1,7 +1,7 @@
 """What the command lines share. Their one convention: a problem is one line on stderr,
 "error: ...", and exit status 2, before any work is done or anything is written; argparse's own
-errors follow it too, without the usage block that would bury the line. And one setting of the
-process, for speed: keep_freed_memory."""
+errors follow it too, without the usage block that would bury the line. Also here: the
+argparse type of a path (`path`), and one setting of the process, for speed: keep_freed_memory."""
 import argparse
 import ctypes
 
@@ -9,6 +9,15 @@ import ctypes
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"error: {message}\n")
+
+
+def path(text):
+    """The argparse type of a file or folder argument. An empty one names nothing, but would
+    be read as the current folder or as "not given" (then the default folder, or for the data
+    a download): refused instead."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names no file or folder")
+    return text
 
 
 def keep_freed_memory(pad_bytes=1 << 30):
