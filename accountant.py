@@ -257,7 +257,9 @@ def calibrate_sigma(target_eps, delta, q, steps, history=(), orders=None):
     low = high = 1.0  # after bracketing: meets(high) and not meets(low)
     while meets(low):
         if low <= SIGMA_RANGE[0]:
-            raise ValueError(f"target_eps: {target_eps:g} is met even with sigma = {low:g}")
+            raise ValueError(f"target_eps: {target_eps:g} is met even with sigma = {low:g}, "
+                             f"the least noise searched: a budget so large protects nothing; "
+                             f"choose a smaller one")
         high, low = low, low / 2
     while not meets(high):
         if high >= SIGMA_RANGE[1]:

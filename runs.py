@@ -130,6 +130,10 @@ def resume(folder, held, locks):
     that writes), the folder is locked first, for as long as `held` (an ExitStack) lasts."""
     if folder is None:
         return None
+    # A folder that holds no run is refused before its lock file is made: a refused resume
+    # leaves it as it was. (One that holds a checkpoint has a lock file from its run.)
+    if not os.path.exists(os.path.join(folder, CHECKPOINT)):
+        raise ValueError(f"--resume: no {CHECKPOINT} in {folder}")
     if locks:
         held.enter_context(lock_folder(folder, "--resume"))
     return load_checkpoint(folder)
