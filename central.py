@@ -22,13 +22,13 @@ its only caller is `noisy_class_means`, which adds the noise before anything els
 image, magnitude drawn from 1..M (3 for grayscale, 9 for colour), re-drawn on every call. It
 only ever touches released images.
 """
+import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
 import math
 import sys
 
 import torch
 import torch.nn.functional as F
 
-import cli
 import randomness
 
 

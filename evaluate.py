@@ -26,6 +26,7 @@ prints both numbers and writes them to SAMPLES.eval.json. Bad input (a corrupt f
 that do not fit, an unusable device or output path) is reported in one line, exit status 2,
 before any minutes are spent on Inception features or the classifier.
 """
+import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
 import hashlib
 import json
 import os
@@ -38,7 +39,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cli
 import data
 import runs
 import settings

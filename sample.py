@@ -13,6 +13,7 @@ the loop that train.py's synthesis uses (samplers.sample_uniform) and written as
 file that train.py writes and evaluate.py reads (evaluate.save_samples). An existing output
 file is never overwritten.
 """
+import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
 import dataclasses
 import os
 import secrets
@@ -20,7 +21,6 @@ import sys
 
 import torch
 
-import cli
 import data
 import diffusion
 import evaluate

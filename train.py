@@ -19,6 +19,7 @@ included, and ends bit for bit where an uninterrupted run on the same device wou
 `torchrun --nproc_per_node=N train.py ...` runs DP-SGD on N processes with the privacy of one
 (distributed.py): one Poisson sample and one noise draw per step.
 """
+import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
 import contextlib
 import functools
 import os
@@ -30,7 +31,6 @@ import torch
 import accountant
 import central
 import classifier
-import cli
 import data
 import diffusion
 import distributed

@@ -1,6 +1,10 @@
-"""What the command lines share: one device check (settings.check_device).
+"""What the command lines share: one device check (settings.check_device), and a Ctrl-C while a
+command is still loading torch, numpy or scipy is one line (cli.py), not a traceback.
 Each command line's own table of bad input is in its module's tests."""
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +13,35 @@ import evaluate
 import sample
 import settings
 import train
+from conftest import ROOT
+
+# The command lines and a module each imports after cli.py that takes seconds to load.
+SLOW_IMPORTS = {"train.py": "torch", "sample.py": "torch", "evaluate.py": "torch",
+                "central.py": "torch", "accountant.py": "numpy"}
+
+
+CTRL_C = "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(60)\n"
+
+
+@pytest.mark.parametrize("script", SLOW_IMPORTS)
+def test_ctrl_c_while_a_command_loads_is_one_line(script, tmp_path):
+    """A Ctrl-C during `import torch` (here: a torch, first on the path, that sends the process
+    SIGINT when imported) ends it at once as Ctrl-C does, with one line; a failure of another
+    kind still shows its traceback."""
+    def run(name, code):
+        fake = tmp_path / name / SLOW_IMPORTS[script]
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text(code)
+        return subprocess.run([sys.executable, script, "--help"], cwd=ROOT, text=True,
+                              capture_output=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=str(fake.parent)))
+
+    stopped = run("ctrl_c", CTRL_C)
+    assert stopped.returncode == -signal.SIGINT and stopped.stdout == ""
+    assert stopped.stderr.strip() == "stopped (Ctrl-C)", stopped.stderr
+    broken = run("broken", "raise ImportError('a broken install')\n")
+    assert broken.returncode == 1 and "Traceback" in broken.stderr
+    assert "a broken install" in broken.stderr
 
 
 def test_the_device_check_takes_cpu_and_cuda_it_has():
