@@ -35,6 +35,7 @@ and a non-finite one is an error, never a return value. sigma = 0 (no noise) has
 refused likewise. A history that never touches the data (empty, or q = 0 or steps = 0 throughout)
 spends exactly eps = 0, reported as (0.0, None): no order is involved.
 """
+import cli  # first: a Ctrl-C while numpy and scipy load is one line (cli.py)
 import argparse
 import math
 import sys
@@ -42,8 +43,6 @@ import warnings
 
 import numpy as np
 from scipy.special import gammaln, gammasgn, log_ndtr, logsumexp
-
-import cli
 
 # The default grid (the same as Google's dp_accounting): 1.1..10.9 by 0.1, 11..63, and a few
 # large orders. Few steps or large sigma want large orders: the central-image stage alone
@@ -261,7 +260,9 @@ def calibrate_sigma(target_eps, delta, q, steps, history=(), orders=None):
     low = high = 1.0  # after bracketing: meets(high) and not meets(low)
     while meets(low):
         if low <= SIGMA_RANGE[0]:
-            raise ValueError(f"target_eps: {target_eps:g} is met even with sigma = {low:g}")
+            raise ValueError(f"target_eps: {target_eps:g} is met even with sigma = {low:g}, "
+                             f"the least noise searched: a budget so large protects nothing; "
+                             f"choose a smaller one")
         high, low = low, low / 2
     while not meets(high):
         if high >= SIGMA_RANGE[1]:

@@ -22,13 +22,13 @@ its only caller is `noisy_class_means`, which adds the noise before anything els
 image, magnitude drawn from 1..M (3 for grayscale, 9 for colour), re-drawn on every call. It
 only ever touches released images.
 """
+import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
 import math
 import sys
 
 import torch
 import torch.nn.functional as F
 
-import cli
 import randomness
 
 
@@ -253,22 +253,30 @@ def save_pictures(central, central_labels, num_classes, out_dir, generator):
 def main(argv=None):
     import os
     import data
+    import settings  # the bounds of train.py's flags for the same numbers (REQUIREMENTS)
     parser = cli.OneLineParser(description="Release DP-FETA central images and save PNGs.")
-    parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--dataset", default="mnist", choices=data.INFO)
+    parser.add_argument("--data-dir", type=cli.path)
     parser.add_argument("--trust-data-files", action="store_true",
                         help="accept dataset files that are not the official ones, knowingly")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--q", type=float, default=0.1)
-    parser.add_argument("--sigma", type=float, default=5.0)
-    parser.add_argument("--queries", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--out", type=cli.path, required=True)
+    parser.add_argument("--q", type=settings.bounded("central_q"), default=0.1)
+    parser.add_argument("--sigma", type=settings.bounded("central_sigma"), default=5.0)
+    parser.add_argument("--queries", type=settings.bounded("central_queries"), default=5)
+    parser.add_argument("--seed", type=settings.bounded("seed"), default=None,
                         help="testing only: a known seed lets anyone remove the noise "
                              "(default: a secret generator)")
     args = parser.parse_args(argv)
     try:
-        os.makedirs(args.out, exist_ok=True)  # a folder we cannot write fails before the release
+        # A release spends privacy: an earlier one in --out is never overwritten.
+        for name in ("central.png", "augmented.png"):
+            if os.path.exists(os.path.join(args.out, name)):
+                raise ValueError(f"--out: {args.out} already holds {name}; choose another folder")
         images, labels = data.load(args.dataset, "train", args.data_dir, args.trust_data_files)
+        try:  # a folder we cannot make fails before the release
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out: cannot make the folder {args.out} ({e.strerror})") from None
         info = data.INFO[args.dataset]
         secret = randomness.secret_generator(args.seed)
         central, central_labels, mechanism = central_images(

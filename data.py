@@ -210,9 +210,7 @@ def _find_or_download(name, folder, filename, md5, download):
         if hashlib.md5(payload).hexdigest() != md5:
             errors.append(f"{mirror}: MD5 mismatch")
             continue
-        with open(path + ".part", "wb") as f:
-            f.write(payload)
-        os.replace(path + ".part", path)  # atomic: never leave a half-written file
+        runs.atomic_write(path, lambda f: f.write(payload))  # never a half-written file
         return path
     raise DataError(f"{filename} not found in {folder} and could not be downloaded "
                     f"({'; '.join(errors)}); without internet, download it elsewhere or "

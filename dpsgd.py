@@ -171,7 +171,11 @@ def clipped_sum(model, per_example_loss, batch_tensors, clip_norm, chunk_size=32
     summed_views = summed.split(numels)
     for s, e in _chunks(len(batch_tensors[0]), chunk_size):
         grads, _ = grad_fn(params, *(t[s:e] for t in batch_tensors))
-        grads = [g.reshape(e - s, -1) for g in grads.values()]  # [b, numel], float32 each
+        # [b, numel], float32 each. contiguous(): vmap may hand back an expanded view, whose
+        # elements share memory (a parameter used as p.sum() has the gradient 1 for every
+        # example and entry), and nan_to_num_ below writes in place; for any other gradient
+        # it is a no-op.
+        grads = [g.reshape(e - s, -1).contiguous() for g in grads.values()]
         # Flat L2 norm over all parameters from the per-tensor norms, in float64: the squares of
         # float32 numbers neither underflow nor overflow there, whatever the gradient's scale.
         # (Concatenating the gradients into one [b, P] matrix first costs an extra pass over

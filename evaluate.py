@@ -26,6 +26,7 @@ prints both numbers and writes them to SAMPLES.eval.json. Bad input (a corrupt f
 that do not fit, an unusable device or output path) is reported in one line, exit status 2,
 before any minutes are spent on Inception features or the classifier.
 """
+import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
 import hashlib
 import json
 import os
@@ -38,9 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cli
 import data
 import runs
+import settings
 from classifier import classifier_accuracy
 from inception import WeightsError, load_inception
 
@@ -244,27 +245,6 @@ def _first_line(error):
 
 # ---------------------------------------------------------------------------------------------
 
-def check_device(name):
-    """The torch.device called `name` (None: cuda when available, else cpu) if this machine
-    has it, else one ValueError line."""
-    if name is None:
-        return torch.device(_default_device())
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch's own message lists a dozen exotic device types
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device: expected cpu, cuda, cuda:N or mps, got '{name}'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here (try --device cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
-                         f"CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available here (try --device cpu)")
-    return device
-
-
 def save_samples(path, images, labels):
     """Write synthetic images (any layout data.as_uint8_images takes, e.g. the samplers' uint8
     N x C x H x W) and their labels as a samples file (see the module docstring), atomically:
@@ -301,31 +281,33 @@ def load_samples(path, dataset):
 def main(argv=None):
     parser = cli.OneLineParser(prog="evaluate.py",
                             description="FID and accuracy of synthetic images.")
-    parser.add_argument("samples", help="a samples file: .npz with 'images' (uint8 NxHxW or "
-                        "NxHxWxC) and 'labels'")
+    parser.add_argument("samples", type=cli.path, help="a samples file: .npz with 'images' "
+                        "(uint8 NxHxW or NxHxWxC) and 'labels'")
     parser.add_argument("--dataset", required=True, choices=sorted(data.INFO))
-    parser.add_argument("--data-dir", default=None, help="folder with the dataset's files")
+    parser.add_argument("--data-dir", type=cli.path, help="folder with the dataset's files")
     parser.add_argument("--trust-data-files", action="store_true",
                         help="accept dataset files that are not the official ones: your own "
                              "data, knowingly")
     parser.add_argument("--n", type=int, default=None,
                         help="images per side for FID: the first N samples against the first "
                              "N training images (default: all samples)")
-    parser.add_argument("--inception", default=None, help="FID Inception weights file "
+    parser.add_argument("--inception", type=cli.path, help="FID Inception weights file "
                         "(default: torch hub cache, pytorch-fid's file)")
-    parser.add_argument("--cache-dir", default=os.path.join("data", "fid_stats"),
+    parser.add_argument("--cache-dir", type=cli.path, default=os.path.join("data", "fid_stats"),
                         help="where reference statistics are cached")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
+    # Bounds, like the device check, are train.py's (settings.py): --epochs is its
+    # --classifier-epochs.
+    parser.add_argument("--epochs", type=settings.bounded("classifier_epochs"), default=10,
+                        help="epochs of the accuracy classifier (default 10)")
+    parser.add_argument("--seed", type=settings.bounded("seed"), default=0,
+                        help="seed of the classifier (default 0)")
+    parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
     args = parser.parse_args(argv)
     out = os.path.splitext(args.samples)[0] + ".eval.json"
     try:
         # Everything that can be checked in seconds is checked first: an error should never
         # come after minutes of Inception features or classifier training.
-        if args.epochs < 1:
-            raise ValueError(f"--epochs: need at least 1, got {args.epochs}")
-        device = check_device(args.device)
+        device = settings.check_device(args.device)
         images, labels = load_samples(args.samples, args.dataset)
         n = len(images) if args.n is None else args.n
         if not 2 <= n <= len(images):
@@ -346,8 +328,7 @@ def main(argv=None):
                                        seed=args.seed, device=device, progress=_stderr)
         result = dict(samples=args.samples, dataset=args.dataset, fid=fid_value, fid_images=n,
                       accuracy=accuracy["test_accuracy"], classifier=accuracy)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
+        runs.atomic_write(out, lambda f: json.dump(result, f, indent=2), "w")
     except (WeightsError, ValueError, data.DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -130,6 +130,13 @@ def resume(folder, held, locks):
     that writes), the folder is locked first, for as long as `held` (an ExitStack) lasts."""
     if folder is None:
         return None
+    # A folder that holds no run is refused without making a lock file in it: a refused
+    # resume leaves it as it was. (A new run that has not checkpointed yet has one: it is
+    # refused as in use. A folder that holds a checkpoint has one from its run.)
+    if not os.path.exists(os.path.join(folder, CHECKPOINT)):
+        if os.path.exists(os.path.join(folder, LOCK)):
+            lock_folder(folder, "--resume").close()
+        raise ValueError(f"--resume: no {CHECKPOINT} in {folder}")
     if locks:
         held.enter_context(lock_folder(folder, "--resume"))
     return load_checkpoint(folder)

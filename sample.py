@@ -13,6 +13,7 @@ the loop that train.py's synthesis uses (samplers.sample_uniform) and written as
 file that train.py writes and evaluate.py reads (evaluate.save_samples). An existing output
 file is never overwritten.
 """
+import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
 import dataclasses
 import os
 import secrets
@@ -20,7 +21,6 @@ import sys
 
 import torch
 
-import cli
 import data
 import diffusion
 import evaluate
@@ -33,7 +33,7 @@ SAMPLER_SETTINGS = ("sample_steps", "solver", "guidance")  # what this command m
 
 def load_trained_model(folder):
     """The run's settings and its EMA model, if DP-SGD has finished; one-line ValueErrors."""
-    state = runs.load_checkpoint(folder)
+    state = runs.load_checkpoint(folder, "RUN")  # this command's argument in its messages
     try:
         cfg = settings.saved_config(state["cfg"])
         stage = state["stage"]
@@ -51,29 +51,32 @@ def load_trained_model(folder):
 
 def main(argv=None):
     p = cli.OneLineParser(prog="sample.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="a run folder of train.py that has finished DP-SGD")
-    p.add_argument("--n", type=int, required=True, help="number of images (labels uniform)")
-    p.add_argument("--out", help="output .npz (default: RUN/more_samples.npz)")
-    p.add_argument("--sample-steps", type=int,
+    # Bounds, like the device check, are train.py's (settings.py): --n is its --n-samples.
+    p.add_argument("run", type=cli.path, metavar="RUN",
+                   help="a run folder of train.py that has finished DP-SGD")
+    p.add_argument("--n", type=settings.bounded("n_samples"), required=True,
+                   help="number of images (labels uniform)")
+    p.add_argument("--out", type=cli.path, help="output .npz (default: RUN/more_samples.npz)")
+    p.add_argument("--sample-steps", type=settings.bounded("sample_steps"),
                    help="sampler steps (0: ancestral; default: the run's)")
     p.add_argument("--solver", choices=samplers.SOLVERS, help="default: the run's")
-    p.add_argument("--guidance", type=float, help="guidance weight w (default: the run's)")
+    p.add_argument("--guidance", type=settings.bounded("guidance"),
+                   help="guidance weight w (default: the run's)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
-    p.add_argument("--seed", type=int, help="fix the sampler's randomness (default: fresh)")
+    p.add_argument("--seed", type=settings.bounded("seed"),
+                   help="fix the sampler's randomness (default: fresh)")
     args = p.parse_args(argv)
     out = args.out or os.path.join(args.run, "more_samples.npz")
     try:
         # Everything that can be checked in seconds is checked before any image is drawn.
-        if args.n < 1:
-            raise ValueError(f"--n: need at least 1 image, got {args.n}")
-        device = evaluate.check_device(args.device)
+        device = settings.check_device(args.device)
+        cfg, model = load_trained_model(args.run)
         if os.path.exists(out):
             raise ValueError(f"--out: {out} exists; choose another file (nothing is overwritten)")
         evaluate.check_writable(out)
-        cfg, model = load_trained_model(args.run)
         cfg = dataclasses.replace(cfg, **{name: getattr(args, name) for name in SAMPLER_SETTINGS
                                           if getattr(args, name) is not None})
-        settings.check_settings(cfg)  # e.g. a NaN guidance would draw black images
+        settings.check_settings(cfg)  # the sampler settings together (heun needs EDM)
         model = model.to(device)
         ddpm = diffusion.make_diffusion(cfg.formulation, data.INFO[cfg.dataset]["classes"])
         generator = torch.Generator(device).manual_seed(

@@ -5,7 +5,8 @@ defaults are the paper's protocol. The presets are written as differences from i
 scaled-down CPU protocol is visible in a few lines. A new run takes a preset and the flags
 given; a resumed run keeps its own settings (only those that act after training may change,
 while their stage has not run). Every problem is one line (ValueError, or exit 2 for flags that
-argparse cannot read), before anything is computed.
+argparse cannot read), before anything is computed. The bounds (REQUIREMENTS) and the device
+check are also those of the other command lines (sample.py, evaluate.py, central.py).
 """
 import argparse
 import dataclasses
@@ -134,27 +135,26 @@ def parse_args(argv=None, description=None):
     setting("--classifier-epochs", type=int)
     setting("--classifier-lr", type=float)
     setting("--train-subset", type=int)
-    p.add_argument("--out", help="run folder (default runs/<dataset>-eps<eps>[-nocentral], "
-                   "or runs/<dataset>-nodpsgd)")
+    p.add_argument("--out", type=cli.path, help="run folder (default "
+                   "runs/<dataset>-eps<eps>[-nocentral], or runs/<dataset>-nodpsgd)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in --out even if it holds one (its files are removed)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    p.add_argument("--resume", type=cli.path, metavar="RUN_DIR", help="continue a stopped run")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available; when resuming, "
                    "the run's own)")
-    p.add_argument("--seed", type=int, help="fix all randomness, DP noise included (testing only: "
-                   "a known seed lets anyone remove the noise); default: a secret generator")
-    p.add_argument("--data-dir", help="folder with the dataset files (default ./data/<dataset>)")
+    p.add_argument("--seed", type=bounded("seed"), help="fix all randomness, DP noise included "
+                   "(testing only: a known seed lets anyone remove the noise); default: a secret "
+                   "generator")
+    p.add_argument("--data-dir", type=cli.path,
+                   help="folder with the dataset files (default ./data/<dataset>)")
     p.add_argument("--trust-data-files", action="store_true",
                    help="accept dataset files that are not the official ones (their number of "
                    "images or digest differs): your own data, knowingly")
-    p.add_argument("--inception", help="local FID Inception weights file")
+    p.add_argument("--inception", type=cli.path, help="local FID Inception weights file")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0,
                    help="also checkpoint this often during training (in DP-SGD at the end of "
                    "a block of 10 steps; default 5)")
     args = p.parse_args(argv)
-    for option in ("out", "resume"):  # "" is no folder, not the default one
-        if getattr(args, option) == "":
-            p.error(f"--{option}: an empty path names no folder")
     for option in ("out", "overwrite"):  # refused rather than ignored
         if args.resume is not None and getattr(args, option):
             p.error(f"--{option}: a resumed run continues in its own folder ({args.resume}); "
@@ -250,7 +250,33 @@ REQUIREMENTS = dict(
            f"0 (no FID) or in 2..{MAX_COUNT} (two images a side at least)"),
     classifier_epochs=(lambda v: 1 <= v <= 10_000, "in 1..10000"),
     classifier_lr=(lambda v: 0 < v <= 1, "in (0, 1]"),
-    train_subset=(lambda v: v >= 0, ">= 0 (0: all)"))
+    train_subset=(lambda v: v >= 0, ">= 0 (0: all)"),
+    # Not a setting: the --seed of every command line, what torch's generators take.
+    seed=(lambda v: 0 <= v < 2 ** 64, "in 0..2**64 - 1"))
+
+
+def meets(name, value):
+    """Whether the number `value` meets REQUIREMENTS[name] (and is finite)."""
+    test, _ = REQUIREMENTS.get(name, (lambda v: True, ""))
+    return test(value) and value < float("inf")
+
+
+def bounded(name):
+    """The argparse type of a flag that sets the same quantity as `name` (a setting, or
+    "seed"): the other command lines take their counts, rates and seeds through it (sample.py's
+    --n is n_samples, central.py's --queries central_queries), so each bound is written once,
+    in REQUIREMENTS, and a value out of it is refused while the flags are read."""
+    kind = {f.name: f.type for f in dataclasses.fields(Config)}.get(name, int)
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got '{text}'") from None
+        if not meets(name, value):
+            raise argparse.ArgumentTypeError(f"must be {REQUIREMENTS[name][1]}, got {value}")
+        return value
+    return parse
 
 
 def flag(name):
@@ -263,9 +289,8 @@ def check_settings(cfg):
         value = getattr(cfg, f.name)
         if type(value) is not f.type and not (f.type is float and type(value) is int):
             raise ValueError(f"{flag(f.name)}: expected {f.type.__name__}, got {value!r}")
-        test, words = REQUIREMENTS.get(f.name, (lambda v: True, ""))
-        if isinstance(value, (int, float)) and not (test(value) and value < float("inf")):
-            raise ValueError(f"{flag(f.name)} must be {words}, got {value}")
+        if isinstance(value, (int, float)) and not meets(f.name, value):
+            raise ValueError(f"{flag(f.name)} must be {REQUIREMENTS[f.name][1]}, got {value}")
     for name, allowed in dict(dataset=data.INFO, model=diffusion.MODEL_SIZES,
                               formulation=diffusion.FORMULATIONS,
                               timesteps=diffusion.TIMESTEP_DISTS, solver=samplers.SOLVERS).items():
@@ -282,18 +307,39 @@ def check_settings(cfg):
                          "it needs the easy stage (no --no-central) and --warmup-steps >= 1")
 
 
-def check_options(args, state):
-    """The options that are not settings: --device (cpu or cuda, and a resumed run's own
-    kind, where its random state continues) and --checkpoint-minutes."""
+def check_device(name):
+    """The torch.device that --device `name` names (None: cuda if torch sees a GPU, else cpu),
+    if this project runs on it and this machine has it; else one ValueError line. The one
+    device check of every command line: cpu and cuda[:N]. Apple's GPUs (mps) are refused: the
+    per-example gradients and the float64 clipping and noise were never tested there (MPS has
+    no float64), and the privacy argument rests on that arithmetic."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(args.device)
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # torch's own message lists a dozen exotic device types
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got '{name}'") from None
+    if device.type == "mps":
+        raise ValueError(f"--device {name}: Apple GPUs (mps) are untested here; use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got '{name}'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here (try --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s)")
+    return device
+
+
+def check_options(args, state):
+    """The options that are not settings: --device (check_device, and a resumed run's own
+    kind, where its random state continues) and --checkpoint-minutes."""
+    device = check_device(args.device)
+    try:
         saved = torch.device(state["options"]["device"]) if state else None
     except (RuntimeError, KeyError, TypeError):
-        raise ValueError(f"--device: unknown device '{args.device}'") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: {args.device} is not supported; use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda was asked for, but torch sees no CUDA GPU")
+        raise ValueError(f"--resume: the checkpoint in {args.resume} names no valid "
+                         f"device") from None
     if saved is not None and saved.type != device.type:
         raise ValueError(f"--device: {args.resume} ran on {saved}; its random state only "
                          f"continues there")

@@ -19,6 +19,7 @@ included, and ends bit for bit where an uninterrupted run on the same device wou
 `torchrun --nproc_per_node=N train.py ...` runs DP-SGD on N processes with the privacy of one
 (distributed.py): one Poisson sample and one noise draw per step.
 """
+import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
 import contextlib
 import functools
 import os
@@ -30,7 +31,6 @@ import torch
 import accountant
 import central
 import classifier
-import cli
 import data
 import diffusion
 import distributed
@@ -68,8 +68,8 @@ def privacy_plan(cfg, n):
     q, steps = randomness.sampling_rate(cfg.batch / n), max(1, round(cfg.epochs * n / cfg.batch))
     try:
         sigma = accountant.calibrate_sigma(cfg.eps, cfg.delta, q, steps, history=history)
-    except ValueError as e:
-        raise ValueError(f"--eps {cfg.eps:g} cannot be met: {str(e).split(': ', 1)[-1]}") from None
+    except ValueError as e:  # out of the calibration's reach: its reason, which names the eps
+        raise ValueError(f"--eps {str(e).split(': ', 1)[-1]}") from None
     eps, order = accountant.epsilon(history + [(q, sigma, steps)], cfg.delta)
     return dict(plan, dpsgd=dict(q=q, sigma=sigma, steps=steps), eps=eps, order=order)
 
@@ -329,7 +329,11 @@ def start_run(args, options, cfg, plan, state, digest, team, held):
         held.enter_context(runs.prepare_folder(folder, args.overwrite))
     run.data_digest = digest
     print_plan(plan)
-    print(f"run folder: {folder} (stage {run.stage + 1} of {len(runs.STAGES) - 1}, "
+    stage = runs.STAGES[run.stage]
+    if stage == "done":  # a finished run: nothing to run, and its files stay as they are
+        print(f"run folder: {folder} (finished: every stage has run)")
+        return run
+    print(f"run folder: {folder} (stage {run.stage + 1} of {len(runs.STAGES) - 1}, {stage}, "
           f"step {run.step})")
     run.checkpoint()
     return run

@@ -26,10 +26,10 @@ again where it stopped: finished jobs are skipped and an interrupted run resumes
 may use another core (`--only` its own jobs, also OMP_NUM_THREADS=1): both write one CSV
 (`record`), and each reads it before every job.
 """
-import argparse
 import csv
 import dataclasses
 import fcntl
+import io
 import json
 import os
 import re
@@ -45,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import classifier  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import diffusion  # noqa: E402
 import evaluate  # noqa: E402
@@ -312,14 +313,29 @@ FIELDS = ["id", "kind", "commit", "flags", "eps", "sigma", "steps", "synthetic_v
           "s_synthesize", "s_evaluate_release", "s_classifier", "s_fid", "finished"]
 
 
+def read_rows(path):
+    """The rows of the campaign's CSV (none if there is no file yet); one-line ValueErrors that
+    name --csv for a file that cannot be read or is not this campaign's."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"--csv: cannot read {path} ({getattr(e, 'strerror', None) or e})") \
+            from None
+    if "id" not in (reader.fieldnames or ()) or any(None in row or not row["id"] for row in rows):
+        raise ValueError(f"--csv: {path} is not the campaign's CSV (its header, or a row's "
+                         f"number of cells, is not this script's)")
+    return rows
+
+
 def finished_jobs(path):
     """The ids of the jobs with a row and a selection score (rows from before the score was
     measured are made again: a run's samples are scored; a post job samples again unless its
     samples were kept)."""
-    if not os.path.exists(path):
-        return set()
-    with open(path) as f:
-        return {row["id"] for row in csv.DictReader(f) if row.get("real_train_accuracy")}
+    return {row["id"] for row in read_rows(path) if row.get("real_train_accuracy")}
 
 
 def record(path, row):
@@ -332,10 +348,7 @@ def record(path, row):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = []
-        if os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
+        rows = read_rows(path)
         ids = [old["id"] for old in rows]
         if row["id"] in ids:
             i = ids.index(row["id"])
@@ -345,18 +358,28 @@ def record(path, row):
             rows[i] = row
         else:
             rows.append(row)
-        with open(path + ".new", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(path + ".new", path)
+        text = io.StringIO(newline="")  # csv writes its own line ends (\r\n)
+        writer = csv.DictWriter(text, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        runs.atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def number(row, key):
+    """The CSV cell row[key] as a float; one line that names it if it is none."""
+    try:
+        return float(row[key])
+    except ValueError:
+        raise ValueError(f"--csv: row {row['id']}: {key} is {row[key]!r}, not a number") from None
 
 
 def table(path):
     """The CSV as a markdown table: the rows of one setting (ids that differ only in -s<seed>)
     become one line, each number the mean and sample standard deviation over its seeds."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(path)
+    if not rows:
+        raise ValueError(f"--csv: {path} holds no rows" if os.path.exists(path) else
+                         f"--csv: there is no {path}")
     groups = {}
     for row in rows:
         groups.setdefault(re.sub(r"-s\d+", "", row["id"]), []).append(row)
@@ -368,7 +391,7 @@ def table(path):
     for name, group in groups.items():
         cells = []
         for key, _, scale, digits in columns:
-            values = [float(r[key]) * scale for r in group if r.get(key)]
+            values = [number(r, key) * scale for r in group if r.get(key)]
             if not values:
                 cells.append("")
             elif len(values) == 1:
@@ -376,26 +399,35 @@ def table(path):
             else:
                 cells.append(f"{statistics.mean(values):.{digits}f} ± "
                              f"{statistics.stdev(values):.{digits}f}")
-        minutes = statistics.mean(sum(float(v) for k, v in r.items() if k.startswith("s_") and v)
-                                  for r in group) / 60
+        minutes = statistics.mean(sum(number(r, k) for k, v in r.items()
+                                      if k.startswith("s_") and v) for r in group) / 60
         seeds = ",".join(seed for r in group for seed in re.findall(r"-s(\d+)", r["id"])[:1])
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {minutes:.0f} |")
     return "\n".join(lines)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="cpu")
-    p.add_argument("--data-dir")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "campaign"))
-    p.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "campaign.csv"))
+def main(argv=None):
+    p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="cpu", choices=settings.PRESETS)
+    p.add_argument("--data-dir", type=cli.path)
+    p.add_argument("--out", type=cli.path, default=os.path.join(ROOT, "bench", "out", "campaign"))
+    p.add_argument("--csv", type=cli.path,
+                   default=os.path.join(ROOT, "bench", "results", "campaign.csv"))
     p.add_argument("--only", nargs="*", help="job ids to run (default: all, in order)")
     p.add_argument("--table", action="store_true",
                    help="print the CSV as a markdown table (mean ± sd over seeds) and stop")
-    args = p.parse_args()
-    if args.table:
-        print(table(args.csv))
-        return 0
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - {job["id"] for job in JOBS})
+    if unknown:  # a typo would otherwise run nothing and say nothing
+        p.error(f"--only: no job {', '.join(unknown)} (the ids are JOBS' in bench/campaign.py)")
+    try:
+        if args.table:
+            print(table(args.csv))
+            return 0
+        finished_jobs(args.csv)  # a CSV that cannot be read stops the queue before its first job
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     for job in JOBS:

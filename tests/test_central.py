@@ -12,6 +12,7 @@ How we check that nothing reads the sensitive data except through the noisy Pois
 import ast
 import inspect
 import math
+import os
 
 import numpy as np
 import pytest
@@ -294,20 +295,50 @@ def test_command_line_releases_with_a_secret_generator_unless_seeded(mnist_dir, 
     assert release("c", "--seed", "3") == release("d", "--seed", "3")
 
 
-@pytest.mark.parametrize("where", ["a_file", "/proc/no/such/folder"])
-def test_command_line_refuses_an_output_it_cannot_write_in_one_line(where, mnist_dir, tmp_path,
-                                                                    capsys):
-    out = tmp_path / "a_file" if where == "a_file" else where
-    if where == "a_file":
-        out.write_text("not a folder")
-    with pytest.raises(SystemExit) as exit_info:
-        central.main(["--data-dir", mnist_dir, "--out", str(out), "--queries", "1"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+def tree(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {str(path.relative_to(folder)): path.read_bytes()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def test_command_line_refuses_a_seed_torch_cannot_take_in_one_line(mnist_dir, tmp_path, capsys):
+BAD_INPUTS = {  # name: (extra arguments, words the line holds); run in a folder that holds
+    # a_file and earlier/central.png, with --out new (the last --out wins)
+    "queries of years": (["--queries", "1000000000"], ["--queries", "1..1000"]),
+    "queries 0": (["--queries", "0"], ["--queries", "0"]),
+    "q 0": (["--q", "0"], ["--q", "(0, 1]"]),
+    "q above 1": (["--q", "1.5"], ["--q", "1.5"]),
+    "q nan": (["--q", "nan"], ["--q", "nan"]),
+    "sigma 0: no noise": (["--sigma", "0"], ["--sigma", "(0, 1e6]"]),
+    "sigma inf": (["--sigma", "inf"], ["--sigma", "inf"]),
+    "seed 2**64": (["--seed", str(2 ** 64)], ["--seed", "2**64 - 1"]),
+    "unknown dataset": (["--dataset", "imagenet"], ["--dataset", "imagenet"]),
+    "empty out": (["--out", ""], ["--out", "empty"]),
+    "empty data dir": (["--data-dir", ""], ["--data-dir", "empty"]),  # not ./data/mnist
+    "no data": (["--data-dir", "nowhere"], ["--data-dir", "nowhere"]),
+    "out is a file": (["--out", "a_file"], ["--out", "a_file"]),
+    "out cannot be made": (["--out", "/proc/no/such/folder"], ["--out", "/proc/no/such"]),
+    "out holds a release": (["--out", "earlier"], ["--out", "earlier", "central.png"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_command_line_refuses_bad_input_in_one_line_before_the_release(
+        case, mnist_dir, tmp_path, capsys, monkeypatch):
+    extra, words = BAD_INPUTS[case]
+    monkeypatch.chdir(tmp_path)  # default folders (./data) would appear here
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "central.png").write_bytes(b"an earlier release")
+    before = tree(tmp_path)
+
+    def no_release(*args, **kwargs):
+        raise AssertionError("released: the bad input should have been refused first")
+    monkeypatch.setattr(central, "central_images", no_release)
     with pytest.raises(SystemExit) as exit_info:
-        central.main(["--data-dir", mnist_dir, "--out", str(tmp_path), "--seed", str(2 ** 64)])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "--seed" in err and err.count("\n") == 1, err
+        central.main(["--data-dir", mnist_dir, "--out", "new", "--queries", "1", *extra])
+    printed = capsys.readouterr()
+    err = printed.err.strip()
+    assert exit_info.value.code == 2 and printed.out == "", err
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err
+    assert all(word in err for word in words), err
+    assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["a_file", "earlier"]

@@ -327,6 +327,41 @@ def test_an_example_with_a_non_finite_gradient_contributes_zero(bad_value):
             torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
 
 
+class SharedOffset(nn.Module):
+    """w . x + b + offset.sum(): the offset's per-example gradient is 1 in every entry, which
+    vmap hands back as an expanded view (entries that share memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+        self.offset = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return self.linear(x)[:, 0] + self.offset.sum()
+
+
+def test_an_expanded_per_example_gradient_is_clipped_and_a_nan_example_still_dropped():
+    """dp_step zeroes non-finite entries in place; on an expanded gradient that failed
+    ('more than one element of the written-to tensor refers to a single memory location').
+    The step must equal the clipped sum by hand, and a NaN example must still count as zero."""
+    torch.manual_seed(0)
+    model, loss = SharedOffset(), lambda model_fn, x: model_fn(x)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    grads, _ = dpsgd._per_example_grad_fn(model, loss, 1)(params, torch.randn(2, 3))
+    assert 0 in grads["offset"].stride()  # the case of this test: an expanded view
+    x = 3 * torch.randn(6, 3)
+    want, norms = clipped_sum_by_hand(loop_grads(model, loss, x), 1.0)
+    assert (norms > 1).any()  # some are clipped
+    got = grads_after_step(model, loss, (x,), 1.0, 0.0, 1.0, torch.Generator(), chunk_size=4)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+    poisoned = torch.cat([x, torch.full((1, 3), float("nan"))])
+    got = grads_after_step(model, loss, (poisoned,), 1.0, 0.0, 1.0, torch.Generator(),
+                           chunk_size=4)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------- noise
 
 def test_noise_has_std_sigma_c_over_expected_size_and_is_seeded():

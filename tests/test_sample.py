@@ -123,36 +123,46 @@ def test_a_seed_fixes_the_draw_and_the_run_is_only_read(finished_run, tmp_path, 
     os.remove(os.path.join(finished_run, "more_samples.npz"))
 
 
-BAD_INPUTS = {  # name: (extra arguments, words the line holds); the last --n/--device wins
+BIG = str(10 ** 12)  # a typo's count: sampling would run for years
+BAD_INPUTS = {  # name: (extra arguments, words the line holds[, words it must not hold]); the
+    # last --n/--device/--out wins. The run is the finished one unless the name says otherwise.
     "guidance nan": (["--guidance", "nan"], ["--guidance", "nan"]),
     "guidance inf": (["--guidance", "inf"], ["--guidance", "inf"]),
     "guidance negative": (["--guidance", "-0.5"], ["--guidance", "-0.5"]),
     "steps negative": (["--sample-steps", "-1"], ["--sample-steps", "-1"]),
     "steps above T": (["--sample-steps", "1001"], ["--sample-steps", "1001"]),
     "steps not a number": (["--sample-steps", "ten"], ["--sample-steps", "ten"]),
+    "heun on a DDPM run": (["--solver", "heun"], ["--solver heun"]),
     "n 0": (["--n", "0"], ["--n", "0"]),
+    "n 1": (["--n", "1"], ["--n", f"2..{settings.MAX_COUNT}"]),  # evaluate.py needs two
     "n negative": (["--n", "-5"], ["--n", "-5"]),
+    "n of years": (["--n", BIG], ["--n", f"2..{settings.MAX_COUNT}", BIG]),
+    "seed 2**64": (["--seed", str(2 ** 64)], ["--seed", "2**64 - 1"], ["Overflow"]),
+    "seed negative": (["--seed", "-1"], ["--seed", "-1"]),
     "cuda without a GPU": (["--device", "cuda"], ["--device cuda", "no CUDA GPU"]),
+    "mps": (["--device", "mps"], ["--device mps", "untested"]),
     "unknown device": (["--device", "gpu0"], ["--device", "gpu0"]),
     "bad solver": (["--solver", "euler"], ["--solver", "euler"]),
+    "empty out": (["--out", ""], ["--out", "empty"]),  # not RUN/more_samples.npz
     "exists": ([], ["--out", "exists"]),
     "no output folder": ([], ["cannot write", "nowhere"]),
     "unfinished run": ([], ["not finished training", "--resume"]),
-    "no run": ([], ["no checkpoint.pt"]),
+    "no run": ([], ["RUN", "no checkpoint.pt"], ["--resume"]),  # sample.py has no --resume
+    "empty run": ([], ["RUN", "empty"]),
 }
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_line_before_any_image_and_nothing_is_written(
         case, finished_run, unfinished_run, tmp_path, capsys, monkeypatch):
-    extra, words = BAD_INPUTS[case]
+    extra, words, *absent = BAD_INPUTS[case]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also where there is one
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("an image was drawn: the bad input should have been refused first")
     monkeypatch.setattr(samplers, "sample", no_sampling)
-    run = {"unfinished run": unfinished_run, "no run": str(tmp_path / "nowhere")}.get(
-        case, finished_run)
+    run = {"unfinished run": unfinished_run, "no run": str(tmp_path / "nowhere"),
+           "empty run": ""}.get(case, finished_run)
     target = tmp_path / ("nowhere/out.npz" if case == "no output folder" else "out.npz")
     if case == "exists":
         target.write_bytes(b"keep me")
@@ -160,8 +170,10 @@ def test_bad_input_is_one_line_before_any_image_and_nothing_is_written(
     code, printed = run_sample([run, "--n", 5, "--out", target, "--device", "cpu", *extra],
                                capsys)
     err = printed.err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert "Traceback" not in err and printed.out == "", err
     assert all(word in err for word in words), err
+    assert not any(word in err for word in (absent[0] if absent else [])), err
     assert (target.read_bytes() == b"keep me") if case == "exists" else not target.exists()
     assert sorted(os.listdir(tmp_path)) == (["out.npz"] if case == "exists" else [])
     assert (folder_digest(run) if digest else None) == digest

@@ -306,6 +306,10 @@ def test_secret_entropy_that_agrees_in_the_low_32_bits_gives_different_central_i
 
 
 # ------------------------------------------------------------------------- bad input
+NO_RUN = "a folder that holds files but no run"  # replaced by one, made by the test
+BIG = str(10 ** 12)  # a typo's count: a run with an ETA of years
+
+
 @pytest.mark.parametrize("flags, word", [
     (["--eps", "0"], "--eps"), (["--eps", "-1"], "--eps"), (["--eps", "abc"], "--eps"),
     (["--eps", "0.1"], "--eps"),  # below what the central images alone spend
@@ -323,17 +327,43 @@ def test_secret_entropy_that_agrees_in_the_low_32_bits_gives_different_central_i
     (["--lr", "1e30"], "--lr"), (["--lr", "2"], "--lr"), (["--clip", "1e38"], "--clip"),
     (["--clip", "1e-30"], "--clip"), (["--n-samples", "1000000000000"], "--n-samples"),
     (["--guidance", "1e30"], "--guidance"), (["--epochs", "1e9"], "--epochs"),
-    (["--central-sigma", "1e30"], "--central-sigma"),
-    # An empty folder name is no folder; a resumed run stays in its own.
+    (["--central-sigma", "1e30"], "--central-sigma"), (["--warmup-steps", BIG], "--warmup-steps"),
+    # An eps no noise is needed for: said so, not "cannot be met".
+    (["--eps", "1e300"], ("--eps 1e+300", "protects nothing")),
+    (["--seed", str(2 ** 64)], ("--seed", "2**64 - 1")), (["--seed", "-1"], "--seed"),
+    # An empty path is no folder or file (not ./data/mnist, not a download); a resumed run
+    # stays in its own folder; a folder without a run is left as it was (no lock file).
     (["--out", ""], "--out"), (["--resume", ""], "--resume"), (["--resume", "x"], "--out"),
+    (["--data-dir", ""], ("--data-dir", "empty")), (["--inception", ""], "--inception"),
+    (["--resume", NO_RUN], ("--resume", "no checkpoint.pt")),
 ])
-def test_bad_arguments_give_one_line_and_status_2(mnist_dir, tmp_path, capsys, flags, word):
-    out = tmp_path / "run"
+def test_bad_arguments_give_one_line_and_status_2(mnist_dir, tmp_path, monkeypatch, capsys,
+                                                  flags, word):
+    monkeypatch.chdir(tmp_path)  # default folders (./data, ./runs) would appear here
+    out, no_run = tmp_path / "run", tmp_path / "docs"
+    no_run.mkdir()
+    (no_run / "notes.md").write_text("not a run")
+    argv = (["--resume", str(no_run)] if NO_RUN in flags
+            else tiny_args(mnist_dir, out) + flags)
     with pytest.raises(SystemExit) as exit_:  # argparse's own errors exit; ours return 2
-        raise SystemExit(train.main(tiny_args(mnist_dir, out) + flags))
-    assert exit_.value.code == 2
-    one_line_error(capsys, word)
-    assert not out.exists()  # nothing written
+        raise SystemExit(train.main(argv))
+    printed = capsys.readouterr()
+    err = printed.err.strip()
+    assert exit_.value.code == 2 and printed.out == "", err  # nothing started, not the plan
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err
+    assert all(w in err for w in ((word,) if isinstance(word, str) else word)), err
+    assert os.listdir(tmp_path) == ["docs"] and os.listdir(no_run) == ["notes.md"]
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    before = folder_digest(out)
+    assert train.main(["--resume", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"run folder: {out} (finished: every stage has run)" in lines, lines
+    assert lines[-1].startswith("done: (")  # the run's privacy, and where its report is
+    assert folder_digest(out) == before  # not even the report's timings
 
 
 def test_resume_refuses_overwrite(tmp_path, capsys):
