@@ -35,7 +35,7 @@ and a non-finite one is an error, never a return value. sigma = 0 (no noise) has
 refused likewise. A history that never touches the data (empty, or q = 0 or steps = 0 throughout)
 spends exactly eps = 0, reported as (0.0, None): no order is involved.
 """
-import cli  # first: a Ctrl-C while numpy and scipy load is one line (cli.py)
+from harness import cli  # first: a Ctrl-C while numpy and scipy load is one line (cli.py)
 import argparse
 import math
 import sys

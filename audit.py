@@ -58,7 +58,7 @@ from torch import nn
 
 import accountant
 import audit_trials
-import cli
+from harness import cli
 import central
 import dpsgd
 import randomness

@@ -22,7 +22,8 @@ its only caller is `noisy_class_means`, which adds the noise before anything els
 image, magnitude drawn from 1..M (3 for grayscale, 9 for colour), re-drawn on every call. It
 only ever touches released images.
 """
-import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
+from harness import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
+from harness import flags
 import math
 import sys
 
@@ -240,7 +241,7 @@ def save_pictures(central, central_labels, num_classes, out_dir, generator):
     """PNG grids: central.png (one row per class, one column per query) and augmented.png
     (each row: one central image of each class, freshly augmented)."""
     import os
-    from data import save_grid
+    from harness.data import save_grid
     os.makedirs(out_dir, exist_ok=True)
     queries = central.shape[0] // num_classes
     by_class = central.view(queries, num_classes, *central.shape[1:]).transpose(0, 1)
@@ -252,7 +253,7 @@ def save_pictures(central, central_labels, num_classes, out_dir, generator):
 
 def main(argv=None):
     import os
-    import data
+    from harness import data
     import settings  # the bounds of train.py's flags for the same numbers (REQUIREMENTS)
     parser = cli.OneLineParser(description="Release DP-FETA central images and save PNGs.")
     parser.add_argument("--dataset", default="mnist", choices=data.INFO)
@@ -260,10 +261,10 @@ def main(argv=None):
     parser.add_argument("--trust-data-files", action="store_true",
                         help="accept dataset files that are not the official ones, knowingly")
     parser.add_argument("--out", type=cli.path, required=True)
-    parser.add_argument("--q", type=settings.bounded("central_q"), default=0.1)
-    parser.add_argument("--sigma", type=settings.bounded("central_sigma"), default=5.0)
-    parser.add_argument("--queries", type=settings.bounded("central_queries"), default=5)
-    parser.add_argument("--seed", type=settings.bounded("seed"), default=None,
+    parser.add_argument("--q", type=flags.bounded("central_q"), default=0.1)
+    parser.add_argument("--sigma", type=flags.bounded("central_sigma"), default=5.0)
+    parser.add_argument("--queries", type=flags.bounded("central_queries"), default=5)
+    parser.add_argument("--seed", type=flags.bounded("seed"), default=None,
                         help="testing only: a known seed lets anyone remove the noise "
                              "(default: a secret generator)")
     args = parser.parse_args(argv)

@@ -13,7 +13,8 @@ the loop that train.py's synthesis uses (samplers.sample_uniform) and written as
 file that train.py writes and evaluate.py reads (evaluate.save_samples). An existing output
 file is never overwritten.
 """
-import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
+from harness import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
+from harness import flags
 import dataclasses
 import os
 import secrets
@@ -21,10 +22,10 @@ import sys
 
 import torch
 
-import data
+from harness import data
 import diffusion
 import evaluate
-import runs
+from harness import runs
 import samplers
 import settings
 
@@ -54,29 +55,29 @@ def main(argv=None):
     # Bounds, like the device check, are train.py's (settings.py): --n is its --n-samples.
     p.add_argument("run", type=cli.path, metavar="RUN",
                    help="a run folder of train.py that has finished DP-SGD")
-    p.add_argument("--n", type=settings.bounded("n_samples"), required=True,
+    p.add_argument("--n", type=flags.bounded("n_samples"), required=True,
                    help="number of images (labels uniform)")
     p.add_argument("--out", type=cli.path, help="output .npz (default: RUN/more_samples.npz)")
-    p.add_argument("--sample-steps", type=settings.bounded("sample_steps"),
+    p.add_argument("--sample-steps", type=flags.bounded("sample_steps"),
                    help="sampler steps (0: ancestral; default: the run's)")
     p.add_argument("--solver", choices=samplers.SOLVERS, help="default: the run's")
-    p.add_argument("--guidance", type=settings.bounded("guidance"),
+    p.add_argument("--guidance", type=flags.bounded("guidance"),
                    help="guidance weight w (default: the run's)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
-    p.add_argument("--seed", type=settings.bounded("seed"),
+    p.add_argument("--seed", type=flags.bounded("seed"),
                    help="fix the sampler's randomness (default: fresh)")
     args = p.parse_args(argv)
     out = args.out or os.path.join(args.run, "more_samples.npz")
     try:
         # Everything that can be checked in seconds is checked before any image is drawn.
-        device = settings.check_device(args.device)
+        device = flags.check_device(args.device)
         cfg, model = load_trained_model(args.run)
         if os.path.exists(out):
             raise ValueError(f"--out: {out} exists; choose another file (nothing is overwritten)")
         evaluate.check_writable(out)
         cfg = dataclasses.replace(cfg, **{name: getattr(args, name) for name in SAMPLER_SETTINGS
                                           if getattr(args, name) is not None})
-        settings.check_settings(cfg)  # the sampler settings together (heun needs EDM)
+        flags.check_settings(cfg)  # the sampler settings together (heun needs EDM)
         model = model.to(device)
         ddpm = diffusion.make_diffusion(cfg.formulation, data.INFO[cfg.dataset]["classes"])
         generator = torch.Generator(device).manual_seed(

@@ -44,12 +44,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import classifier  # noqa: E402
-import cli  # noqa: E402
-import data  # noqa: E402
+from harness import cli  # noqa: E402
+from harness import flags
+from harness import data  # noqa: E402
 import diffusion  # noqa: E402
 import evaluate  # noqa: E402
-import runs  # noqa: E402
+from harness import runs  # noqa: E402
 import sample  # noqa: E402
 import samplers  # noqa: E402
 import settings  # noqa: E402
@@ -154,10 +154,10 @@ MACHINE_FLAGS = [] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ["--no-a
 
 def config_of(flags, args, seed):
     """The Config train.py would make for these flags on the preset."""
-    parsed = settings.parse_args(["--preset", args.preset, "--seed", str(seed), *MACHINE_FLAGS,
+    parsed = flags.parse_args(["--preset", args.preset, "--seed", str(seed), *MACHINE_FLAGS,
                                   *flags])
     parsed.device = "cpu"
-    return settings.settings_of(parsed, None, None)
+    return flags.settings_of(parsed, None, None)
 
 
 def run_train(cmd, args):
@@ -203,14 +203,14 @@ REAL_TRAIN_N = 10000
 def scores(images, labels, cfg, args, classifier_epochs):
     """One classifier trained on the synthetic images, as train.py's (seed 0), tested on the
     first REAL_TRAIN_N real training images (to choose by) and on the test set (to report)."""
-    model, info = classifier.train_classifier(images, labels, data.INFO[cfg.dataset]["classes"],
+    model, info = evaluate.train_classifier(images, labels, data.INFO[cfg.dataset]["classes"],
                                               classifier_epochs, lr=cfg.classifier_lr, seed=0,
                                               device="cpu")
     real_images, real_labels = data.load(cfg.dataset, "train", args.data_dir)
     return dict(synthetic_val_accuracy=info["val_accuracy"],
-                real_train_accuracy=classifier.accuracy(model, real_images[:REAL_TRAIN_N],
+                real_train_accuracy=evaluate.accuracy(model, real_images[:REAL_TRAIN_N],
                                                         real_labels[:REAL_TRAIN_N]),
-                test_accuracy=classifier.accuracy(model, *data.load(cfg.dataset, "test",
+                test_accuracy=evaluate.accuracy(model, *data.load(cfg.dataset, "test",
                                                                     args.data_dir)))
 
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import classifier  # noqa: E402
-import data  # noqa: E402
+import evaluate  # noqa: E402
+from harness import data  # noqa: E402
 import diffusion  # noqa: E402
 import samplers  # noqa: E402
 
@@ -61,9 +61,9 @@ def train_diffusion(images, labels, args, generator):
 
 
 def train_classifier(images, labels, test_images, test_labels, minutes, generator):
-    """classifier.SmallCNN on real MNIST for a fixed time; returns it and its real test accuracy."""
+    """evaluate.SmallCNN on real MNIST for a fixed time; returns it and its real test accuracy."""
     torch.manual_seed(0)  # its initialisation
-    model = classifier.SmallCNN(1, 28, 10)
+    model = evaluate.SmallCNN(1, 28, 10)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     started = time.time()
     while time.time() - started < 60 * minutes:

@@ -23,10 +23,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
+from harness import data  # noqa: E402
 import diffusion  # noqa: E402
 import dpsgd  # noqa: E402
-import runs  # noqa: E402
+from harness import runs  # noqa: E402
 import settings  # noqa: E402
 import train  # noqa: E402
 

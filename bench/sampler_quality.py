@@ -25,7 +25,7 @@ sys.path.insert(1, os.path.join(sys.path[0], "bench"))
 
 import torch  # noqa: E402
 
-import data  # noqa: E402
+from harness import data  # noqa: E402
 import diffusion  # noqa: E402
 import evaluate  # noqa: E402
 import inception  # noqa: E402

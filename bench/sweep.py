@@ -23,7 +23,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runs  # noqa: E402
+from harness import runs  # noqa: E402
 
 VARIANTS = {
     "base": [],

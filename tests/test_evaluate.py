@@ -15,10 +15,10 @@ from scipy import linalg
 import pytest
 import torch
 
-import data
+from harness import data
 import evaluate
 import inception
-from classifier import classifier_accuracy
+from evaluate import classifier_accuracy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_WEIGHTS = os.path.join(torch.hub.get_dir(), "checkpoints", inception.FID_WEIGHTS_FILE)

@@ -13,10 +13,11 @@ import os
 import pytest
 import torch
 
-import data
+from harness import data
+from harness import flags
 import diffusion
 import evaluate
-import runs
+from harness import runs
 import sample
 import samplers
 import settings
@@ -81,9 +82,9 @@ def test_sample_then_evaluate(overrides, finished_run, tmp_path, capsys, monkeyp
     # must take the file, and hand FID and the classifier exactly the images and labels that
     # were drawn. (FID, the classifier and the data have their own tests: here they record.)
     more = tmp_path / "more.npz"
-    flags = [x for name, value in overrides.items() for x in (settings.flag(name), value)]
+    given = [x for name, value in overrides.items() for x in (flags.flag(name), value)]
     code, printed = run_sample([finished_run, "--n", 30, "--out", more, "--seed", 1,
-                                "--device", "cpu", *flags], capsys)
+                                "--device", "cpu", *given], capsys)
     assert code == 0 and "no privacy spent" in printed.out, printed.err
     images, labels = expected_draw(finished_run, 30, 1, overrides)
     if overrides:  # they change the images, so the chain below would see them ignored
@@ -134,9 +135,9 @@ BAD_INPUTS = {  # name: (extra arguments, words the line holds[, words it must n
     "steps not a number": (["--sample-steps", "ten"], ["--sample-steps", "ten"]),
     "heun on a DDPM run": (["--solver", "heun"], ["--solver heun"]),
     "n 0": (["--n", "0"], ["--n", "0"]),
-    "n 1": (["--n", "1"], ["--n", f"2..{settings.MAX_COUNT}"]),  # evaluate.py needs two
+    "n 1": (["--n", "1"], ["--n", f"2..{flags.MAX_COUNT}"]),  # evaluate.py needs two
     "n negative": (["--n", "-5"], ["--n", "-5"]),
-    "n of years": (["--n", BIG], ["--n", f"2..{settings.MAX_COUNT}", BIG]),
+    "n of years": (["--n", BIG], ["--n", f"2..{flags.MAX_COUNT}", BIG]),
     "seed 2**64": (["--seed", str(2 ** 64)], ["--seed", "2**64 - 1"], ["Overflow"]),
     "seed negative": (["--seed", "-1"], ["--seed", "-1"]),
     "cuda without a GPU": (["--device", "cuda"], ["--device cuda", "no CUDA GPU"]),

@@ -22,16 +22,17 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from harness import data
 import diffusion
 import evaluate
 import inception
 import randomness
-import runs
+from harness import runs
 import sample
 import samplers
 import settings
 import train
+from harness import launch
 from conftest import StopAfter
 
 TINY = settings.TINY  # what tiny_args runs: the numbers below are read from it
@@ -738,34 +739,38 @@ def test_a_resume_that_cannot_write_is_one_line_and_loses_nothing(
 
 # ------------------------------------------------------------------------- data flow
 def test_only_the_mechanisms_read_the_sensitive_set():
-    """The privacy argument in the code's shape: in train.py the sensitive arrays (loaded in
-    main) are passed only to `train` (through train_to_the_end), which hands them only to
-    release_central_images, release_frequency_features (--frequency) and train_dpsgd; nothing
-    else reads them. Where they are loaded,
-    len() (N, public) and data.digest (kept in the private checkpoint only, to refuse a resume
-    on other data; test_every_stage_end_to_end checks that the report lacks it) are allowed."""
+    """The privacy argument in the code's shape. harness/launch.py loads the sensitive arrays
+    and uses them only for len() (N, public), data.digest (kept in the private checkpoint only,
+    to refuse a resume on other data; test_every_stage_end_to_end checks that the report lacks
+    it) and to hand them to train.train. There they go only to release_central_images,
+    release_frequency_features (--frequency) and train_dpsgd, apart from their shape (public).
+    Nothing else reads them, and the readers are the functions given the secret generator."""
     sensitive = {"sensitive_images", "sensitive_labels"}
-    loader = train.main.__name__
     readers = {"release_central_images", "release_frequency_features", "train_dpsgd"}
-    tree = ast.parse(inspect.getsource(train))
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-    for function in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
-        for node in ast.walk(function):
-            if not (isinstance(node, ast.Name) and node.id in sensitive) or (
-                    function.name in readers):
+    allowed = {  # module: (functions that may load them, callees that may be given them)
+        launch: ({"main", "load_sensitive_data"},
+                 {"len", "data.digest", "train_to_the_end", "train", "load_sensitive_data"}),
+        train: (set(), readers)}
+    for module, (loaders, callees) in allowed.items():
+        tree = ast.parse(inspect.getsource(module))
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for function in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+            if module is train and function.name in readers:
                 continue
-            parent = parents[node]
-            if isinstance(node.ctx, ast.Store):  # loading the data, taking the subset
-                assert function.name == loader, (function.name, node.lineno)
-                continue
-            func = getattr(parent, "func", None)
-            callee = getattr(func, "id", None) or ast.unparse(func) if func else None
-            ok = isinstance(parent, ast.Call) and (callee in readers | {"train", "train_to_the_end"}
-                                                   or (callee in ("len", "data.digest")
-                                                       and function.name == loader))
-            ok = ok or (function.name == loader and isinstance(parent, ast.Subscript))  # subset
-            assert ok, f"{function.name} uses {node.id} at line {node.lineno}"
-    # and the readers are the ones that get the secret generator
+            for node in ast.walk(function):
+                if not (isinstance(node, ast.Name) and node.id in sensitive):
+                    continue
+                where = f"{module.__name__}.{function.name} uses {node.id} at line {node.lineno}"
+                parent = parents[node]
+                if isinstance(node.ctx, ast.Store) or isinstance(parent, ast.Subscript):
+                    assert function.name in loaders, where  # loading, taking the subset
+                    continue
+                if isinstance(parent, ast.Attribute):
+                    assert parent.attr == "shape", where  # the image shape: public
+                    continue
+                func = getattr(parent, "func", None)
+                callee = (getattr(func, "id", None) or ast.unparse(func)) if func else None
+                assert isinstance(parent, ast.Call) and callee in callees, where
     for reader in readers:
         assert "secret" in inspect.signature(getattr(train, reader)).parameters
     for stage in (train.warm_up, train.warm_up_on_features, train.synthesize,
@@ -801,17 +806,17 @@ def test_the_dpsgd_chunk_is_halved_until_a_pass_fits_without_touching_the_model(
     cfg = dataclasses.replace(TINY, chunk=64, noise_draws=2)
     model, ddpm = diffusion.make_unet("small", 1, 28, 10), diffusion.DDPM()
     weights, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
-    assert train.largest_chunk_that_fits(model, ddpm, cfg, (1, 28, 28)) == 64  # fits: kept
+    assert launch.largest_chunk_that_fits(model, ddpm, cfg, (1, 28, 28)) == 64  # fits: kept
     assert passes == [64]
     fits, passes[:] = 10, []
     # 8 fits, and half of it is taken: room for the rest of a step
-    assert train.largest_chunk_that_fits(model, ddpm, cfg, (1, 28, 28)) == 4
+    assert launch.largest_chunk_that_fits(model, ddpm, cfg, (1, 28, 28)) == 4
     assert passes == [64, 32, 16, 8]
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
     fits = 0
     with pytest.raises(ValueError, match="does not fit"):
-        train.largest_chunk_that_fits(model, ddpm, cfg, (1, 28, 28))
+        launch.largest_chunk_that_fits(model, ddpm, cfg, (1, 28, 28))
 
 
 def test_the_largest_seed_seeds_both_generators(tmp_path):

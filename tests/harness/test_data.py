@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+from harness import data
 
 IMAGES, LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import runs
+from harness import runs
 
 # train and test: the number of images of the official splits
 INFO = {

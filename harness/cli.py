@@ -1,10 +1,8 @@
 """What the command lines share. Their one convention: a problem is one line on stderr,
 "error: ...", and exit status 2, before any work is done or anything is written; argparse's own
 errors follow it too, without the usage block that would bury the line. Also here: the
-argparse type of a path (`path`), Ctrl-C as one line, and one setting of the process, for
-speed: keep_freed_memory."""
+argparse type of a path (`path`), and Ctrl-C as one line while a command loads."""
 import argparse
-import ctypes
 import os
 import signal
 import sys
@@ -52,25 +50,11 @@ def _ctrl_c_in_one_line(kind, value, traceback, print_traceback=sys.excepthook):
         print_traceback(kind, value, traceback)
 
 
-# A command line (python train.py, a script beside this file) imports this module first,
+# A command line (python train.py, a script of this repository) imports this module first,
 # before the modules that take seconds to load. A program that imports the modules (pytest, a
 # notebook) keeps its own Ctrl-C. train.py installs its own handler for training, which
 # checkpoints (runs.install_ctrl_c).
-if os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv else "")) == \
-        os.path.dirname(os.path.abspath(__file__)):
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv else "")) == _REPOSITORY:
     signal.signal(signal.SIGINT, _stop_now)
     sys.excepthook = _ctrl_c_in_one_line
-
-
-def keep_freed_memory(pad_bytes=1 << 30):
-    """Have glibc's malloc keep up to pad_bytes of freed memory for reuse. By default it gives
-    the memory of freed tensors back to the operating system, and the next chunk of per-example
-    gradients faults every page in again: measured on this project's 2-core machine, up to
-    100,000 page faults a second in DP-SGD, and the README's command took 34.5 minutes, against
-    27.8 with the memory kept (bench/README.md). Only where memory comes from changes, not the
-    arithmetic. Elsewhere (macOS, another C library) this does nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-2, pad_bytes)  # M_TOP_PAD: free memory kept when the heap grows or shrinks
-    except (OSError, AttributeError):
-        pass

@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from harness import data, team
 # The stages of train.py in order, then "done": a checkpoint names the stage it is at by these
 # strings, so they are the checkpoint format (settings, sample.py and bench/ use them too).
 STAGES = ("release_central_images", "release_frequency_features", "warm_up",
@@ -268,6 +269,7 @@ class Run:
         self.optimizer, self.ema, self.secret, self.public = optimizer, ema, secret, public
         self.seeded, self.ledger = seeded, ledger
         self.options = dict(device=str(self.device))  # where things are: device, data, weights
+        self.team = team.Team()  # torchrun's processes (launch.start_run); alone: no-ops
         self.writes = True  # False on all but one of the processes of a distributed run
         self.stop, self.checkpoint_minutes = None, 10.0  # the flag of install_ctrl_c; its period
         self.stage, self.step, self.central, self.pieces = 0, 0, None, []
@@ -277,6 +279,21 @@ class Run:
 
     def path(self, name):
         return os.path.join(self.folder, name)
+
+    def release_once(self, draw):
+        """draw()'s result, drawn once: with several processes rank 0 alone draws it (one draw
+        of the mechanism, from its secret generator) and the others receive it."""
+        return self.team.from_rank0(draw() if self.team.is_main else None)
+
+    def align_processes(self):
+        """Every process continues from rank 0's weights and generator states: after a stage
+        that rank 0 ran alone, or on GPUs, whose kernels need not be bit-reproducible."""
+        self.team.take_rank0_state(self.model, self.secret, self.public)
+
+    def save_grid(self, images, name, nrow):
+        """A PNG grid in the run folder, written by the one process that writes."""
+        if self.writes:
+            data.save_grid(images, self.path(name), nrow)
 
     def run_stage(self, name, body):
         """body() unless the run is past stage `name` (a resumed run); then the time is the

@@ -1,4 +1,4 @@
-"""Tests for DP-SGD on several processes (distributed.py): two CPU processes talking over gloo.
+"""Tests for DP-SGD on several processes (team.py): two CPU processes talking over gloo.
 
 The claim under test is that N processes run the one-process mechanism: one global Poisson
 sample whose examples are each used once, one noise draw per step, the same update, the same
@@ -22,10 +22,11 @@ from torch import nn
 
 import accountant
 import diffusion
-import distributed
+from harness import team
+from harness import flags
 import dpsgd
 import randomness
-import runs
+from harness import runs
 import settings
 import train
 from conftest import StopAfter
@@ -114,7 +115,7 @@ def dpsgd_steps(model, q, sigma, steps, seed):
     train.train_dpsgd(model, optimizer, diffusion.EMA(model, 0.9), images, labels, cfg, plan,
                       diffusion.DDPM(num_classes=10), randomness.secret_generator(seed),
                       accountant.PrivacyLedger(1e-5), 0, lambda step, describe="": None,
-                      distributed.Team())
+                      team.Team(), cfg.chunk)
     return before, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -148,7 +149,7 @@ def dpsgd_worker(rank, out):
     """On each process: (1) STEPS steps of the small UNet at q = 0.2 of 10 examples (a share
     is often empty), recording what each step used; (2) one step of ZeroGradientNet; (3) the
     weights check, after changing one weight on rank 1 only."""
-    distributed.start()
+    team.start()
     record = recording(setattr)
     _, unet_weights = dpsgd_steps(unet(), q=0.2, sigma=0.1, steps=STEPS, seed=1)
     zero_before, zero_after = dpsgd_steps(ZeroGradientNet(), q=0.5, sigma=2.0, steps=1, seed=2)
@@ -156,11 +157,11 @@ def dpsgd_worker(rank, out):
     with torch.no_grad():
         model.weight[1] += rank
     try:
-        distributed.check_same_weights(model)
+        team.check_same_weights(model)
         mismatch_caught = False
     except RuntimeError:
         mismatch_caught = True
-    distributed.finish()
+    team.finish()
     torch.save(dict(masks=record["masks"][:STEPS], shares=record["shares"][:STEPS],
                     unet=unet_weights, zero_update=zero_after - zero_before,
                     mismatch_caught=mismatch_caught), os.path.join(out, f"rank{rank}.pt"))
@@ -243,12 +244,12 @@ def test_torchrun_variables_without_torchrun_are_refused_in_one_line(
 def test_without_torchrun_nothing_is_set_up(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    distributed.start()
+    team.start()
     assert not dist.is_initialized()
     summed = torch.ones(3)
-    assert distributed.sum_over_processes(summed) is summed and torch.equal(summed, torch.ones(3))
-    assert distributed.from_rank0("mine") == "mine" and distributed.is_main()
-    assert distributed.device_of_this_process("cuda:1") == "cuda:1"
+    assert team.sum_over_processes(summed) is summed and torch.equal(summed, torch.ones(3))
+    assert team.from_rank0("mine") == "mine" and team.is_main()
+    assert team.device_of_this_process("cuda:1") == "cuda:1"
 
 
 # ------------------------------------------------------------------------- whole runs
@@ -312,7 +313,7 @@ def test_ledger_and_epsilon_are_those_of_one_process(mnist_dir, stopped_and_resu
     out, _ = stopped_and_resumed
     with open(out / runs.REPORT) as f:
         report = json.load(f)
-    cfg = settings.settings_of(settings.parse_args(small_run_flags(mnist_dir, out)), None, None)
+    cfg = flags.settings_of(flags.parse_args(small_run_flags(mnist_dir, out)), None, None)
     plan = train.privacy_plan(cfg, cfg.train_subset)
     history = [tuple(plan["central"]),
                (plan["dpsgd"]["q"], plan["dpsgd"]["sigma"], plan["dpsgd"]["steps"])]

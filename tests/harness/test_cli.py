@@ -1,4 +1,4 @@
-"""What the command lines share: one device check (settings.check_device), and a Ctrl-C while a
+"""What the command lines share: one device check (flags.check_device), and a Ctrl-C while a
 command is still loading torch, numpy or scipy is one line (cli.py), not a traceback.
 Each command line's own table of bad input is in its module's tests."""
 import os
@@ -12,6 +12,7 @@ import torch
 import evaluate
 import sample
 import settings
+from harness import flags
 import train
 from conftest import ROOT
 
@@ -45,16 +46,16 @@ def test_ctrl_c_while_a_command_loads_is_one_line(script, tmp_path):
 
 
 def test_the_device_check_takes_cpu_and_cuda_it_has():
-    assert settings.check_device("cpu") == torch.device("cpu")
+    assert flags.check_device("cpu") == torch.device("cpu")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: True)
         patch.setattr(torch.cuda, "device_count", lambda: 2)
-        assert settings.check_device("cuda:1") == torch.device("cuda:1")
-        assert settings.check_device(None) == torch.device("cuda")
+        assert flags.check_device("cuda:1") == torch.device("cuda:1")
+        assert flags.check_device(None) == torch.device("cuda")
         with pytest.raises(ValueError, match="^--device cuda:2: this machine has 2"):
-            settings.check_device("cuda:2")
+            flags.check_device("cuda:2")
         patch.setattr(torch.cuda, "is_available", lambda: False)
-        assert settings.check_device(None) == torch.device("cpu")
+        assert flags.check_device(None) == torch.device("cpu")
 
 
 @pytest.mark.parametrize("device, words", [

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-import runs
+from harness import runs
+from harness import flags
 import settings
 import train
 
@@ -154,10 +155,10 @@ def test_train_runs_every_stage_once_in_the_checkpoints_order():
     """runs.STAGES names the stages in checkpoints, and a resume skips by its order: train.py
     must run exactly those stages, each once, in that order (a renamed, added or reordered
     stage would resume a run at the wrong place)."""
-    source = inspect.getsource(train.train)
+    source = inspect.getsource(train.train) + inspect.getsource(train.post_process)
     called = re.findall(r'run_stage\("(\w+)"', source)
     assert called == list(runs.STAGES[:-1]) and runs.STAGES[-1] == "done"
-    assert set(settings.AFTER_TRAINING.values()) <= set(runs.TRAINED)
+    assert set(flags.AFTER_TRAINING.values()) <= set(runs.TRAINED)
 
 
 def test_run_stage_skips_stages_done_and_checkpoints_after_each():
