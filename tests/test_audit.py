@@ -1,4 +1,4 @@
-"""Tests for audit.py and audit_trials.py: their statistics, and each audit in both directions. As
+"""Tests for the audit package (audit/one_run.py, audit/trials.py, python -m audit): their statistics, and each audit in both directions. As
 the project's mechanisms are, the empirical lower bound stays below the accountant's epsilon; with
 a bug, it rises above it, so the audit can fail. The one-run audit is tried on gross bugs (noise
 or clipping lost), the many-trial audit on every bug of audit_trials' table, each written here
@@ -17,8 +17,9 @@ import scipy.stats
 import torch
 
 import accountant
-import audit
-import audit_trials
+from audit import __main__ as command_line
+from audit import one_run as audit
+from audit import trials as audit_trials
 import central
 import dpsgd
 import randomness
@@ -178,7 +179,7 @@ def test_central_audit_catches_noise_calibrated_per_pixel(monkeypatch):
                                   ["--seed", "-1"]])
 def test_bad_arguments_fail_in_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        audit.main(argv)
+        command_line.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
@@ -190,7 +191,7 @@ def test_table_rows_and_claims(monkeypatch, capsys):
     monkeypatch.setattr(audit, "MECHANISMS", (("DP-SGD", audit.audit_dpsgd, 1.0, 1),
                                               ("central images", audit.audit_central, 1.0, 1)))
     monkeypatch.setattr(audit, "TARGET_EPS", (4.0,))
-    assert audit.main(["--canaries", "50", "--seed", "0"]) == 0
+    assert command_line.main(["--canaries", "50", "--seed", "0"]) == 0
     rows = [[cell.strip() for cell in line.split("|")[1:-1]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     header, *body = rows
@@ -375,7 +376,7 @@ def test_trials_table_rows_and_claims(capsys):
     # "eps of what runs" is the accountant's for the bug (here sigma / 2), or inf.
     argv = ["--trials", "--variant", "dpsgd:noise-x0.5",
             "--variant", "central:realised-class-count", "--scale", "0.002", "--seed", "0"]
-    assert audit.main(argv) == 0
+    assert command_line.main(argv) == 0
     rows = [[cell.strip() for cell in line.split("|")[1:-1]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     header, dpsgd_row, central_row = rows

@@ -1,6 +1,6 @@
 """Does the guarantee hold, within a factor of two? A privacy audit from millions of trials.
 
-The one-run audit (audit.py) catches gross bugs: lost noise, lost clipping. This audit catches
+The one-run audit (audit/one_run.py) catches gross bugs: lost noise, lost clipping. This audit catches
 subtler ones at a claim of eps = 1: noise or clipping off by 1.5x, a sampling rate 3x too high,
 a divisor that depends on the data. It is the classic audit by repeated trials (Jagielski,
 Ullman, Oprea, "Auditing Differentially Private Machine Learning", NeurIPS 2020; Nasr et al.,
@@ -47,7 +47,7 @@ Two designs per mechanism, each audited at level/2 (a union bound); the larger b
   data.
 The audited run is tiny (one DP-SGD step; the project's five central queries): a bug that only
 shows across steps (the same noise in every step, say) needs a run with more steps (`steps`).
-`python audit.py --trials` prints the README's table (about 5 minutes on 2 cores).
+`python -m audit --trials` prints the README's table (about 5 minutes on 2 cores).
 """
 import math
 import time

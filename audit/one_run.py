@@ -42,13 +42,12 @@ In both, a canary in the dataset joins each step's sample with rate q, so the cl
 the audited run is the accountant's epsilon for (sampling_rate(q), sigma, T), what train.py and
 central_images hand to the accountant.
 
-Run `python audit.py` for the table of the README (about a minute on a 2-core CPU).
+Run `python -m audit` for the table of the README (about a minute on a 2-core CPU).
 
 This audit misses bugs that change eps by 2-4x (noise halved, a sampling rate 3x too high). For
-those, `python audit.py --trials` runs the many-trial audit of audit_trials.py: the same white-box
+those, `python -m audit --trials` runs the many-trial audit of audit/trials.py: the same white-box
 canaries in millions of independent trials, each mechanism as it is and with each bug.
 """
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +56,6 @@ import torch
 from torch import nn
 
 import accountant
-import audit_trials
-import cli
 import central
 import dpsgd
 import randomness
@@ -211,67 +208,25 @@ MECHANISMS = (("DP-SGD", audit_dpsgd, 0.1, 100), ("central images", audit_centra
 TARGET_EPS = (1.0, 4.0, 10.0)
 
 
-def main(argv=None):
-    parser = cli.OneLineParser(description="Privacy audits of DP-SGD and the central images: "
-                                        "empirical lower bounds on epsilon next to the "
-                                        "accountant's. Default: the one-run audit (Steinke et al. "
-                                        "2023) at claims of eps = 1, 4, 10, about a minute on 2 "
-                                        "cores; it catches gross bugs only.")
-    parser.add_argument("--canaries", type=int, default=1000,
-                        help="one-run audit: m canaries per audit (default 1000)")
-    parser.add_argument("--trials", action="store_true",
-                        help="run the many-trial audit (audit_trials.py) instead: at a claim of "
-                             "eps = 1, each mechanism as it is and with each known bug; catches "
-                             "bugs that double eps; about 20 s a row on 2 cores")
-    parser.add_argument("--variant", action="append", choices=audit_trials.VARIANT_NAMES,
-                        metavar="NAME", help="with --trials: only this row (repeat for more); "
-                        "one of: " + ", ".join(audit_trials.VARIANT_NAMES))
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="with --trials: multiply the numbers of trials (default 1; 0.1 is "
-                             "ten times faster and gives weaker bounds)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="reproduce a table (default: a secret generator per run)")
-    args = parser.parse_args(argv)
-    if args.canaries < 10:
-        parser.error(f"--canaries: need at least 10, got {args.canaries}")
-    if not 0 < args.delta < 1:
-        parser.error(f"--delta: must be in (0, 1), got {args.delta:g}")
-    if not args.scale > 0:
-        parser.error(f"--scale: must be > 0, got {args.scale:g}")
-    if args.seed is not None and not 0 <= args.seed < 2 ** 64:
-        parser.error(f"--seed: must be in 0..2**64 - 1, got {args.seed}")
-    if (args.variant or args.scale != 1.0) and not args.trials:
-        parser.error("--variant, --scale: only with --trials")
-    # The audits' tensors are tiny: on a shared CPU, extra threads only wait for each other
-    # (measured: a DP-SGD step 10x slower with 2 threads than with 1 on a loaded 2-core machine).
-    torch.set_num_threads(1)
-    if args.trials:
-        audit_trials.print_table(args.delta, args.seed, args.scale, args.variant)
-        return 0
-
-    print(f"delta = {args.delta:g}; lower bounds at 95 % confidence. A lower bound above the "
+def print_table(canaries, delta, seed=None):
+    """The one-run table: each mechanism at claims of eps = 1, 4, 10, and with its noise removed."""
+    print(f"delta = {delta:g}; lower bounds at 95 % confidence. A lower bound above the "
           "claimed eps would mean a bug.\n")
     print("| mechanism | q | T | sigma | claimed eps | audit: eps >= | m | guesses | correct |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, run_audit, q, steps in MECHANISMS:
         sampling = randomness.sampling_rate(q)  # what the accountant is told, as in train.py
-        sigmas = [accountant.calibrate_sigma(eps, args.delta, sampling, steps)
+        sigmas = [accountant.calibrate_sigma(eps, delta, sampling, steps)
                   for eps in TARGET_EPS]
         # The last row runs the first row's mechanism with its noise removed, still making the
         # first row's claim: the audit must object.
         runs = [(name, sigma, sigma) for sigma in sigmas] + [(f"{name}, noise removed (bug)",
                                                               0.0, sigmas[0])]
         for label, sigma_run, sigma_claimed in runs:
-            generator = randomness.secret_generator(args.seed)
-            result = run_audit(args.canaries, q, sigma_run, steps, args.delta, generator)
+            generator = randomness.secret_generator(seed)
+            result = run_audit(canaries, q, sigma_run, steps, delta, generator)
             q_run, _, steps_run = result.mechanism  # the run's own (q', sigma, T), sigma claimed
-            claimed, _ = accountant.epsilon([(q_run, sigma_claimed, steps_run)], args.delta)
+            claimed, _ = accountant.epsilon([(q_run, sigma_claimed, steps_run)], delta)
             print(f"| {label} | {q:g} | {steps} | {sigma_run:.3f} | {claimed:.2f} | "
                   f"{result.eps_lower:.2f} | {result.canaries} | {result.guesses} | "
                   f"{result.correct} |", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
