@@ -1,10 +1,11 @@
 """Tests for audit/one_run.py, the one-run audit, and the command line: its statistics, and
-each audit in both directions. As the project's mechanisms are, the empirical lower bound stays
-below the accountant's epsilon; with a gross bug (noise or clipping lost), it rises above it, so
-the audit can fail. The many-trial audit's tests are in test_audit_trials.py.
+each of the three audits in both directions. As the project's mechanisms are, the empirical lower
+bound stays below the accountant's epsilon; with a gross bug (noise or clipping lost, noise per
+pixel or per entry), it rises above it, so the audit can fail. The many-trial audit's tests
+are in test_audit_trials.py.
 
 Expected values are derived here by hand (closed forms of the binomial bound, randomized
-response, the mechanisms' signal) and never read off audit.py. Every random draw is seeded, so
+response, the mechanisms' signal) and never read off one_run.py. Every random draw is seeded, so
 each test gives the same answer on every run.
 """
 import math
@@ -20,6 +21,7 @@ from audit import __main__ as command_line
 from audit import one_run as audit
 import central
 import dpsgd
+import frequency
 import randomness
 
 DELTA = 1e-5
@@ -200,3 +202,29 @@ def test_table_rows_and_claims(monkeypatch, capsys):
         sigma = float(honest[3])
         assert abs(float(honest[4]) - claimed_eps(1.0, sigma, 1)) < 0.02  # sigma printed rounded
         assert float(honest[4]) <= 4.0 and bug[4] == honest[4] and float(bug[3]) == 0.0
+
+
+# ---------------------------------------------------------------------- the frequency release
+def test_frequency_audit_stays_below_the_accountant():
+    # q = 1, one release: sigma 4.05 claims eps = 1, sigma 1.1 about 4.2 (the accountant's)
+    for sigma in (4.05, 1.1):
+        result = audit.audit_frequency(500, 1.0, sigma, 1, DELTA, randomness.secret_generator(0))
+        assert result.mechanism == (1.0, sigma, 1)
+        assert result.eps_lower <= claimed_eps(1.0, sigma, 1)
+
+
+def test_frequency_audit_sees_the_canaries():
+    # sigma = 1: a canary present scores 1 + N(0, 1) along its feature term (norm 1), an absent
+    # one N(0, 1), as for DP-SGD at q = 1: the bound must be well above 0.
+    result = audit.audit_frequency(500, 1.0, 1.0, 1, DELTA, randomness.secret_generator(0))
+    assert result.eps_lower > 0.5
+
+
+def test_frequency_audit_catches_noise_calibrated_per_entry(monkeypatch):
+    # Noise sigma / sqrt(D) per entry (an entry's range taken for the sensitivity): with the
+    # audit's D = 64 frequencies, 8 times too little noise: sigma 4.05 acts as 0.5.
+    release = frequency.noisy_feature_table
+    monkeypatch.setattr(frequency, "noisy_feature_table", lambda x, y, k, W, sigma, g:
+                        release(x, y, k, W, sigma / math.sqrt(W.shape[0]), g))
+    result = audit.audit_frequency(500, 1.0, 4.05, 1, DELTA, randomness.secret_generator(0))
+    assert claimed_eps(1.0, 4.05, 1) <= 1.0 and result.eps_lower > 2.0
