@@ -193,10 +193,13 @@ class FrequencyOverClassCount(variants.Frequency):
         return table * len(images) / torch.bincount(labels, minlength=num_classes).clamp(min=1)
 
 
+# (Noise per entry, 4 times too small here, is caught by the trade-off test; its eps is read at
+# the event that test chose, near the median, where eps stays near 1: seed 0 gives 1.2, seed 1
+# gives 0.8.)
 @pytest.mark.parametrize("bug, tests", [
     (FrequencyNoise, {"trade-off"}),
     (FrequencyNoNoise, {"eps", "trade-off"}),
-    (FrequencyNoisePerEntry, {"eps", "trade-off"}),
+    (FrequencyNoisePerEntry, {"trade-off"}),
     (FrequencyNormSqrt2, {"trade-off"}),
     (FrequencyOverClassCount, {"eps", "trade-off"}),
 ], ids=lambda value: value.__name__ if isinstance(value, type) else None)
