@@ -10,7 +10,7 @@ hold with probability >= 1 - level). Two claims are tested against them:
        P_in[R] <= e^eps P_out[R] + delta   and   P_out[R] <= e^eps P_in[R] + delta,
    so  eps >= log((lower P_in[R] - delta) / upper P_out[R]).  No model of the mechanism is
    assumed. Its limit: at delta = 1e-5 an eps of 1 is decided by events rarer than 1 in 10^4,
-   which millions of trials barely see (the code as it is reaches about 0.6 of its claim).
+   which millions of trials barely see (the code as it is reaches about half of its claim).
 2. The trade-off curve of the claimed mechanism (f-DP, Dong, Roth, Su 2022, "Gaussian
    Differential Privacy"). The accountant's eps = 1 rests on a claim that says more: the code
    IS one step of the Poisson-subsampled Gaussian mechanism with rate q and noise multiplier

@@ -16,7 +16,7 @@ NeurIPS 2020; Nasr et al., "Adversary Instantiation", IEEE S&P 2021) with white-
      the code being one step (or T steps) of the Poisson-subsampled Gaussian with rate q and
      noise multiplier sigma, and an event whose rates that step cannot produce proves the code is
      less private than what the accountant was told. The first needs events of probability
-     ~1e-5 to reach eps = 1 and stops at about 0.6 of the claim; the second is decided where
+     ~1e-5 to reach eps = 1 and stops at about half of the claim; the second is decided where
      events are common, and so measures the noise to a few per cent.
   4. The ledger check: the eps of what the run really gave the mechanism (rate, sigma, steps),
      recomputed by the accountant at the claimed delta, must not exceed the claim. A sigma
