@@ -99,7 +99,8 @@ def _criterion(rates, delta, q):
     (in_lower, in_upper), (out_lower, out_upper) = rates
     if q is not None:
         return mu_of(in_lower, out_upper, q)[None, :]
-    return np.stack([epsilon_of(in_lower, out_upper, delta), epsilon_of(out_lower, in_upper, delta)])
+    return np.stack([epsilon_of(in_lower, out_upper, delta),
+                     epsilon_of(out_lower, in_upper, delta)])
 
 
 def threshold_audit(scores, included, delta, level=0.05, q=None):
@@ -124,7 +125,8 @@ def threshold_audit(scores, included, delta, level=0.05, q=None):
     if value == 0:
         return Bound(0.0, math.inf, "", len(included))  # nothing to measure
     signed, test = sign * np.asarray(scores[name][cut:], dtype=float), included[cut:]
-    (in_lower, in_upper), (out_lower, out_upper) = _rates(signed, test, np.array([threshold]), level)
+    rates = _rates(signed, test, np.array([threshold]), level)
+    (in_lower, in_upper), (out_lower, out_upper) = rates
     sigma = math.inf
     if q is not None:  # one pair of bounds, (in_lower, out_upper), for both readings
         mu = float(mu_of(in_lower, out_upper, q)[0])

@@ -248,7 +248,8 @@ def frequency_trials(trials, q, sigma, steps, generator, make=variants.Frequency
     included, signal, spread = [], [], []
     for _ in range(math.ceil(trials / classes)):
         coins = torch.rand(classes, generator=generator) < 0.5
-        labels = torch.cat([torch.arange(classes), torch.where(coins, torch.arange(classes), classes)])
+        labels = torch.cat([torch.arange(classes),
+                            torch.where(coins, torch.arange(classes), classes)])
         images = torch.cat([companion.expand(classes, -1, -1, -1),
                             torch.where(coins.view(-1, 1, 1, 1), canary, companion)])
         table = make().release(images, labels, classes + 1, W, sigma, generator)
@@ -271,7 +272,7 @@ class Design(NamedTuple):
     q: float         # the sampling rate of the claim, as the flags give it
     steps: int       # T: DP-SGD steps or central queries
     count: int       # trials at --scale 1
-    options: dict = {}
+    options: dict = {}  # more keyword arguments of `trials` (never modified)
 
 
 class Result(NamedTuple):
@@ -282,13 +283,19 @@ class Result(NamedTuple):
     bound: bounds.Bound
 
 
+def claimed_sigma(design, delta, claim=1.0):
+    """The noise multiplier that makes the accountant claim eps = `claim` for the design's run."""
+    q = randomness.sampling_rate(design.q)  # what the accountant is told, as in train.py
+    return accountant.calibrate_sigma(claim, delta, q, design.steps)
+
+
 def audit(designs, make, delta, generator, scale=1.0, claim=1.0, level=0.05):
     """Each design run with the noise a run is given for a claim of eps = `claim`, and audited at
     level / len(designs). make(): a fresh mechanism (variants.py). Returns [Result]."""
     results = []
     for design in designs:
-        q = randomness.sampling_rate(design.q)  # what the accountant is told, as in train.py
-        sigma_claim = accountant.calibrate_sigma(claim, delta, q, design.steps)
+        q = randomness.sampling_rate(design.q)
+        sigma_claim = claimed_sigma(design, delta, claim)
         sigma_run = make().calibrate(claim, delta, q, design.steps)
         eps_run = accountant.epsilon([(q, sigma_run, design.steps)], delta)[0]
         count = max(100, int(scale * design.count))
@@ -358,10 +365,9 @@ def print_table(delta, seed=None, scale=1.0, only=None):
           "bound on eps above 1 (eps), noise below the claimed sigma (trade-off), or the eps of "
           "what ran above 1 (ledger).\n")
     for key, name, variants_of, designs in MECHANISMS:
-        claims = ", ".join(
-            f"{design.name} (q {design.q:g}, T {design.steps}, sigma "
-            f"{accountant.calibrate_sigma(1.0, delta, randomness.sampling_rate(design.q), design.steps):.3f}"
-            f", {max(100, int(scale * design.count))} trials)" for design in designs)
+        claims = ", ".join(f"{design.name} (q {design.q:g}, T {design.steps}, sigma "
+                           f"{claimed_sigma(design, delta):.3f}, "
+                           f"{max(100, int(scale * design.count))} trials)" for design in designs)
         print(f"{name}: {claims}")
     print("\n| mechanism | variant | true eps | eps >= | noise <= (x sigma) | eps at that noise | "
           "eps of what ran | caught by | most telling event | seconds |")

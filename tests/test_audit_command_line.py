@@ -89,7 +89,8 @@ def test_one_run_table_rows_and_claims(monkeypatch, capsys):
     header, *body = rows_of(capsys.readouterr().out)
     assert header[0] == "mechanism" and len(header) == 9
     names = ["DP-SGD", "central images", "frequency release"]
-    assert [row[0] for row in body] == [n + bug for n in names for bug in ("", ", noise removed (bug)")]
+    assert [row[0] for row in body] == [name + bug for name in names
+                                        for bug in ("", ", noise removed (bug)")]
     for honest, bug in zip(body[0::2], body[1::2]):
         sigma = float(honest[3])
         assert abs(float(honest[4]) - claimed_eps(1.0, sigma, 1)) < 0.02  # sigma printed rounded
@@ -100,8 +101,9 @@ def test_trials_table_rows_and_claims(capsys):
     # Two rows of `python -m audit --trials`, at a tiny scale: "true eps" is the accountant's for
     # the bug (here sigma x 0.7 in the first design), or inf; the ledger column is the eps of
     # what ran, which the wrong delta makes 1.69.
-    argv = ["--trials", "--variant", "dpsgd:noise-x0.7", "--variant", "central:realised-class-count",
-            "--variant", "frequency:delta-1e-3", "--scale", "0.002", "--seed", "0"]
+    argv = ["--trials", "--variant", "dpsgd:noise-x0.7",
+            "--variant", "central:realised-class-count", "--variant", "frequency:delta-1e-3",
+            "--scale", "0.002", "--seed", "0"]
     assert command_line.main(argv) == 0
     header, *body = rows_of(capsys.readouterr().out)
     assert header[:4] == ["mechanism", "variant", "true eps", "eps >="]

@@ -76,21 +76,24 @@ def test_a_dpsgd_loop_whose_batches_are_not_poisson_samples_is_caught(monkeypatc
 
 # compare() by hand: the calls recorded, the ledger's entries, the ledger's delta
 CENTRAL, DPSGD = ("central images", 0.1, 5.0), ("DP-SGD", 0.05, 1.5)
-CASES = {
-    "as it is": ({CENTRAL: 2, DPSGD: 10}, [[*CENTRAL, 2], [*DPSGD, 10]], 1e-5, None),
-    "a larger sigma in the ledger": ({CENTRAL: 2, DPSGD: 10}, [[*CENTRAL, 2], ["DP-SGD", 0.05, 1.6, 10]],
-                                     1e-5, "DP-SGD: the ledger reports"),
-    "a smaller rate in the ledger": ({CENTRAL: 2, DPSGD: 10}, [[*CENTRAL, 2], ["DP-SGD", 0.04, 1.5, 10]],
-                                     1e-5, "DP-SGD: the ledger reports"),
-    "a stage missing": ({CENTRAL: 2, DPSGD: 10}, [[*DPSGD, 10]], 1e-5,
-                        "central images: the ledger reports"),
-    "the ledger at delta 1e-3": ({CENTRAL: 2, DPSGD: 10}, [[*CENTRAL, 2], [*DPSGD, 10]], 1e-3,
+CALLS = {CENTRAL: 2, DPSGD: 10}
+CASES = {  # name: (calls, ledger entries, ledger's delta, the problem to find; None: none)
+    "as it is": (CALLS, [[*CENTRAL, 2], [*DPSGD, 10]], 1e-5, None),
+    "a larger sigma in the ledger": (CALLS, [[*CENTRAL, 2], ["DP-SGD", 0.05, 1.6, 10]], 1e-5,
+                                     "DP-SGD: the ledger reports"),
+    "a smaller rate in the ledger": (CALLS, [[*CENTRAL, 2], ["DP-SGD", 0.04, 1.5, 10]], 1e-5,
+                                     "DP-SGD: the ledger reports"),
+    "fewer steps in the ledger": (CALLS, [[*CENTRAL, 2], [*DPSGD, 9]], 1e-5,
+                                  "DP-SGD: the ledger reports"),
+    "a stage missing": (CALLS, [[*DPSGD, 10]], 1e-5, "central images: the ledger reports"),
+    "the ledger at delta 1e-3": (CALLS, [[*CENTRAL, 2], [*DPSGD, 10]], 1e-3,
                                  "the ledger's delta is 0.001"),
     "a step without a Poisson sample": ({CENTRAL: 2, DPSGD: 9, ("DP-SGD", None, 1.5): 1},
                                         [[*CENTRAL, 2], [*DPSGD, 10]], 1e-5,
                                         "1 DP-SGD steps without one Poisson sample"),
     "more than asked for": ({CENTRAL: 2, ("DP-SGD", 0.05, 0.5): 10},
-                            [[*CENTRAL, 2], ["DP-SGD", 0.05, 0.5, 10]], 1e-5, "more than the 1 asked"),
+                            [[*CENTRAL, 2], ["DP-SGD", 0.05, 0.5, 10]], 1e-5,
+                            "the calls spent eps"),
 }
 
 
@@ -105,4 +108,4 @@ def test_compare_finds_each_kind_of_under_reporting(name):
         assert problems == []
         assert all(f.reported == pytest.approx(f.recorded, rel=1e-12) for f in findings)
     else:
-        assert any(found.startswith(problem) or problem in found for found in problems), problems
+        assert any(problem in found for found in problems), problems

@@ -245,7 +245,8 @@ def test_same_noise_variants_repeat_their_noise_exactly():
         updates.append(model.weight.detach() - before)
     assert torch.equal(updates[0], updates[1]) and updates[0].abs().min() > 0
     # central: black images, two queries of one run give one and the same release
-    query, images = variants.CentralSameNoiseEveryQuery(), torch.zeros(4, 1, 4, 4, dtype=torch.uint8)
+    query = variants.CentralSameNoiseEveryQuery()
+    images = torch.zeros(4, 1, 4, 4, dtype=torch.uint8)
     first, second = (query.query(images, torch.tensor([0, 0, 1, 1]), 2, 0.5, 1.0, generator)
                      for _ in range(2))
     assert torch.equal(first, second) and first.abs().min() > 0
