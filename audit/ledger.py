@@ -15,12 +15,17 @@ arguments it really got, one entry per step or query:
 with q' = randomness.sampling_rate(q), the exact inclusion probability. From those calls the
 accountant recomputes eps at the run's delta, and the audit compares (no statistics: equalities
 of numbers, so a finding is certain):
-  1. the ledger's delta is the run's, and for each mechanism, and in total, the ledger's eps is
-     not below the recomputed one (a ledger that under-reports: a step not counted, a sigma or a
-     rate that is not the one used, a stage missing);
+  1. the ledger's delta is the run's, and for each mechanism, and in total, the ledger's eps
+     equals the recomputed one. Below it, the ledger under-reports (a step not counted, a sigma
+     or a rate that is not the one used, a stage missing); above it, it over-reports, which is
+     safe but means that a call was not seen (a mechanism reached by another path) or that the
+     ledger counts one that did not happen;
   2. the recomputed eps does not exceed the eps the run was asked for (the plan's sigma does not
-     meet the claim: the accountant fed the wrong delta, say).
-The run stops where post-processing begins (synthesis): nothing after it touches the data.
+     meet the claim: the accountant fed the wrong delta, say);
+  3. every DP-SGD step took its batch from one randomness.poisson_sample (a fixed-size or
+     shuffled batch would not, and the accountant's analysis would not apply).
+The run stops where synthesis begins: no mechanism runs after it (the evaluation reads real
+images to measure the release, outside the guarantee, as in the paper).
 """
 import collections
 import contextlib
@@ -167,7 +172,10 @@ def compare(calls, ledger, delta, target):
         findings.append(Finding(name, recorded, reported))
         if reported < recorded * (1 - 1e-12):
             problems.append(f"{name}: the ledger reports eps {reported:.4f}, the calls spent "
-                            f"{recorded:.4f}")
+                            f"{recorded:.4f} (under-reported)")
+        elif reported > recorded * (1 + 1e-12):
+            problems.append(f"{name}: the ledger reports eps {reported:.4f}, the calls seen spent "
+                            f"{recorded:.4f} (a call not seen, or counted without happening)")
     total = findings[-1].recorded
     if total > target * (1 + 1e-12):
         problems.append(f"the calls spent eps {total:.4f}, more than the {target:g} asked for")

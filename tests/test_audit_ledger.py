@@ -1,8 +1,9 @@
 """Tests for audit/ledger.py: train.py's ledger against what its mechanisms were really called
 with. As it is, the ledger reports exactly what the calls spent; each way a ledger or a plan can
-be wrong (a step not counted, a sigma or a delta that is not the one used, a stage missing, a
-sigma calibrated at the wrong delta, a batch that is not a Poisson sample) is caught. End to end
-on train.train where the bug is in train.py's path, and on compare() by hand for the rest."""
+be wrong (a step not counted or counted twice, a sigma or a delta that is not the one used, a
+stage missing, a sigma calibrated at the wrong delta, a batch that is not a Poisson sample) is
+caught: end to end on train.train where the bug is in train.py's path, and on compare() by hand
+for the rest."""
 import collections
 import dataclasses
 import types
@@ -86,6 +87,8 @@ CASES = {  # name: (calls, ledger entries, ledger's delta, the problem to find; 
     "fewer steps in the ledger": (CALLS, [[*CENTRAL, 2], [*DPSGD, 9]], 1e-5,
                                   "DP-SGD: the ledger reports"),
     "a stage missing": (CALLS, [[*DPSGD, 10]], 1e-5, "central images: the ledger reports"),
+    "a step counted that did not happen": (CALLS, [[*CENTRAL, 2], [*DPSGD, 11]], 1e-5,
+                                           "counted without happening"),
     "the ledger at delta 1e-3": (CALLS, [[*CENTRAL, 2], [*DPSGD, 10]], 1e-3,
                                  "the ledger's delta is 0.001"),
     "a step without a Poisson sample": ({CENTRAL: 2, DPSGD: 9, ("DP-SGD", None, 1.5): 1},
@@ -98,7 +101,7 @@ CASES = {  # name: (calls, ledger entries, ledger's delta, the problem to find; 
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_compare_finds_each_kind_of_under_reporting(name):
+def test_compare_finds_each_kind_of_wrong_report(name):
     calls, entries, ledger_delta, problem = CASES[name]
     book = accountant.PrivacyLedger(ledger_delta)
     for entry, q, sigma, steps in entries:
