@@ -1,4 +1,4 @@
-"""Does the guarantee hold? An empirical privacy audit of both mechanisms, in one run each.
+"""Does the guarantee hold? An empirical privacy audit of the three mechanisms, in one run each.
 
 The accountant (accountant.py) proves an UPPER bound on epsilon, assuming the code does what the
 proof says: sample each example with rate q, clip to C, add N(0, (sigma C)^2). An audit measures
@@ -38,17 +38,22 @@ much of the worst case as possible:
   sharing one class would do worse: the part they have in common only tells how many were
   sampled.) Score: sum over the T queries of the pixel sum of class i's noisy mean. We score the
   means before clamping and upsampling: post-processing is free in privacy and only hides signal.
-In both, a canary in the dataset joins each step's sample with rate q, so the claim for exactly
-the audited run is the accountant's epsilon for (sampling_rate(q), sigma, T), what train.py and
-central_images hand to the accountant.
+* The frequency release, `frequency.noisy_feature_table` as it is: one Gaussian release (q = 1)
+  of the per-class sums of random Fourier features. Canary i is a random 8x8 image (public)
+  alone in class i, so class i's column is the canary's feature term (norm 1, the whole
+  sensitivity) plus noise. Score: the column projected on that term. (64 frequencies instead
+  of 5,000: the sensitivity is 1 whatever their number, and the release is then small.)
+In all three, a canary in the dataset joins each step's sample with rate q, so the claim for exactly
+the audited run is the accountant's epsilon for (sampling_rate(q), sigma, T), what train.py,
+central_images and frequency.release hand to the accountant.
 
-Run `python audit.py` for the table of the README (about a minute on a 2-core CPU).
+Run `python -m audit` for the table of docs/audit.md (about a minute on one core).
 
 This audit misses bugs that change eps by 2-4x (noise halved, a sampling rate 3x too high). For
-those, `python audit.py --trials` runs the many-trial audit of audit_trials.py: the same white-box
-canaries in millions of independent trials, each mechanism as it is and with each bug.
+those, `python -m audit --trials` runs the many-trial audit of trials.py: the same white-box
+canaries in millions of independent trials, each mechanism as it is and with each bug; and
+`python -m audit --ledger` checks the run's own ledger (ledger.py).
 """
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,10 +62,9 @@ import torch
 from torch import nn
 
 import accountant
-import audit_trials
-from harness import cli
 import central
 import dpsgd
+import frequency
 import randomness
 
 
@@ -202,76 +206,60 @@ def audit_central(canaries, q, sigma, queries, delta, generator, side=28, level=
 
 
 # ---------------------------------------------------------------------------------------------
-# The table of the README
+# Audit 3: the frequency release
+# ---------------------------------------------------------------------------------------------
+
+def audit_frequency(canaries, q, sigma, steps, delta, generator, side=8, num_frequencies=64,
+                    level=0.05):
+    """One frequency.noisy_feature_table release on m = `canaries` copies of a random side x side
+    image (public), canary i alone in class i; see the module docstring. q and steps must be 1:
+    the release reads the whole set once. generator: as for audit_dpsgd."""
+    if q != 1 or steps != 1:
+        raise ValueError("the frequency release is one release of the whole set: q = 1, T = 1")
+    W = frequency.frequencies(side * side, seed=0, num_frequencies=num_frequencies)  # public
+    image = torch.rand(1, 1, side, side, generator=torch.Generator().manual_seed(1))  # public
+    term = frequency.feature_sums(image, torch.zeros(1, dtype=torch.long), 1, W)[:, 0]
+    included = torch.rand(canaries, generator=generator) < 0.5           # step 1: the coin flips
+    labels = torch.arange(canaries)[included]
+    table = frequency.noisy_feature_table(image.expand(len(labels), -1, -1, -1), labels,
+                                          canaries, W, sigma, generator)  # step 2: one run
+    scores = term @ table  # (the public divisor N scales all scores alike)
+    eps, guesses, correct = audit_scores(scores.numpy(), included.numpy(), delta, both_sides=True,
+                                         level=level)
+    return AuditResult(eps, canaries, guesses, correct, (1.0, sigma, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The table of docs/audit.md
 # ---------------------------------------------------------------------------------------------
 
 # (name, audit, q, steps): DP-SGD at q = 0.1 for 100 steps; the central images at the project's
-# q = 0.1 and T = 5 queries. sigma is calibrated so that the accountant claims each target eps.
-MECHANISMS = (("DP-SGD", audit_dpsgd, 0.1, 100), ("central images", audit_central, 0.1, 5))
+# q = 0.1 and T = 5 queries; the frequency release, once on the whole set. sigma is calibrated so
+# that the accountant claims each target eps.
+MECHANISMS = (("DP-SGD", audit_dpsgd, 0.1, 100), ("central images", audit_central, 0.1, 5),
+              ("frequency release", audit_frequency, 1.0, 1))
 TARGET_EPS = (1.0, 4.0, 10.0)
 
 
-def main(argv=None):
-    parser = cli.OneLineParser(description="Privacy audits of DP-SGD and the central images: "
-                                        "empirical lower bounds on epsilon next to the "
-                                        "accountant's. Default: the one-run audit (Steinke et al. "
-                                        "2023) at claims of eps = 1, 4, 10, about a minute on 2 "
-                                        "cores; it catches gross bugs only.")
-    parser.add_argument("--canaries", type=int, default=1000,
-                        help="one-run audit: m canaries per audit (default 1000)")
-    parser.add_argument("--trials", action="store_true",
-                        help="run the many-trial audit (audit_trials.py) instead: at a claim of "
-                             "eps = 1, each mechanism as it is and with each known bug; catches "
-                             "bugs that double eps; about 20 s a row on 2 cores")
-    parser.add_argument("--variant", action="append", choices=audit_trials.VARIANT_NAMES,
-                        metavar="NAME", help="with --trials: only this row (repeat for more); "
-                        "one of: " + ", ".join(audit_trials.VARIANT_NAMES))
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="with --trials: multiply the numbers of trials (default 1; 0.1 is "
-                             "ten times faster and gives weaker bounds)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="reproduce a table (default: a secret generator per run)")
-    args = parser.parse_args(argv)
-    if args.canaries < 10:
-        parser.error(f"--canaries: need at least 10, got {args.canaries}")
-    if not 0 < args.delta < 1:
-        parser.error(f"--delta: must be in (0, 1), got {args.delta:g}")
-    if not args.scale > 0:
-        parser.error(f"--scale: must be > 0, got {args.scale:g}")
-    if args.seed is not None and not 0 <= args.seed < 2 ** 64:
-        parser.error(f"--seed: must be in 0..2**64 - 1, got {args.seed}")
-    if (args.variant or args.scale != 1.0) and not args.trials:
-        parser.error("--variant, --scale: only with --trials")
-    # The audits' tensors are tiny: on a shared CPU, extra threads only wait for each other
-    # (measured: a DP-SGD step 10x slower with 2 threads than with 1 on a loaded 2-core machine).
-    torch.set_num_threads(1)
-    if args.trials:
-        audit_trials.print_table(args.delta, args.seed, args.scale, args.variant)
-        return 0
-
-    print(f"delta = {args.delta:g}; lower bounds at 95 % confidence. A lower bound above the "
+def print_table(canaries, delta, seed=None):
+    """The one-run table: each mechanism at claims of eps = 1, 4, 10, and with its noise removed."""
+    print(f"delta = {delta:g}; lower bounds at 95 % confidence. A lower bound above the "
           "claimed eps would mean a bug.\n")
     print("| mechanism | q | T | sigma | claimed eps | audit: eps >= | m | guesses | correct |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, run_audit, q, steps in MECHANISMS:
         sampling = randomness.sampling_rate(q)  # what the accountant is told, as in train.py
-        sigmas = [accountant.calibrate_sigma(eps, args.delta, sampling, steps)
+        sigmas = [accountant.calibrate_sigma(eps, delta, sampling, steps)
                   for eps in TARGET_EPS]
         # The last row runs the first row's mechanism with its noise removed, still making the
         # first row's claim: the audit must object.
         runs = [(name, sigma, sigma) for sigma in sigmas] + [(f"{name}, noise removed (bug)",
                                                               0.0, sigmas[0])]
         for label, sigma_run, sigma_claimed in runs:
-            generator = randomness.secret_generator(args.seed)
-            result = run_audit(args.canaries, q, sigma_run, steps, args.delta, generator)
+            generator = randomness.secret_generator(seed)
+            result = run_audit(canaries, q, sigma_run, steps, delta, generator)
             q_run, _, steps_run = result.mechanism  # the run's own (q', sigma, T), sigma claimed
-            claimed, _ = accountant.epsilon([(q_run, sigma_claimed, steps_run)], args.delta)
+            claimed, _ = accountant.epsilon([(q_run, sigma_claimed, steps_run)], delta)
             print(f"| {label} | {q:g} | {steps} | {sigma_run:.3f} | {claimed:.2f} | "
                   f"{result.eps_lower:.2f} | {result.canaries} | {result.guesses} | "
                   f"{result.correct} |", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
