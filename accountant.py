@@ -1,8 +1,9 @@
 """Privacy accounting for DP-FETA: Renyi DP of the Poisson-subsampled Gaussian mechanism.
 
-Everything DP-FETA does with the sensitive images -- the central-image queries and every
-DP-SGD step -- is one Gaussian mechanism (noise std = sigma * L2 sensitivity) applied to a
-Poisson sample (each record kept independently with probability q). A run is therefore a
+Everything DP-FETA does with the sensitive images -- the central-image queries, every DP-SGD
+step, and with --frequency the one release of random features -- is one Gaussian mechanism
+(noise std = sigma * L2 sensitivity) applied to a Poisson sample (each record kept independently
+with probability q; q = 1 keeps all). A run is therefore a
 *history*: a list of (q, sigma, steps). This module turns a history into one (epsilon, delta).
 
 1. Per step, at Renyi order alpha > 1 (Mironov, Talwar, Zhang 2019, "Renyi Differential Privacy
@@ -25,18 +26,8 @@ Everything is computed in log space and vectorised over the order grid; nothing 
 Precision: integer orders sum A - 1 (all terms positive), so they keep full relative precision.
 The fractional series sums A itself; at sigma in the hundreds A is within 1e-10 of 1 and those
 orders carry a round-off of ~1e-16 in log A per step: harmless, such settings pick large orders.
-
-Accepted inputs. sigma^2 overflows past sigma = sqrt(largest float) = 1.34e154, and below
-sigma ~ 5e-152 one step's RDP is already inf or NaN (sooner with more steps); next to 1, orders
-divide round-off by alpha - 1 (NaN at the float after 1). So sigma must lie in SIGMA_LIMITS, steps
-in [0, MAX_STEPS] and orders in [MIN_ORDER, MAX_ORDER]: far wider than DP-SGD uses (sigma 0.1 to
-1e4, millions of steps), and inside that box every result is finite; each one is still checked,
-and a non-finite one is an error, never a return value. sigma = 0 (no noise) has epsilon = inf:
-refused likewise. A history that never touches the data (empty, or q = 0 or steps = 0 throughout)
-spends exactly eps = 0, reported as (0.0, None): no order is involved.
 """
-from harness import cli  # first: a Ctrl-C while numpy and scipy load is one line (cli.py)
-import argparse
+from harness import cli  # noqa: F401  (first: a Ctrl-C while numpy loads is one line)
 import math
 import sys
 import warnings
@@ -54,75 +45,6 @@ DEFAULT_ORDERS.flags.writeable = False
 SERIES_RTOL = 1e-14         # stop a fractional series once its tail is this small relative to A
 SERIES_MAX_TERMS = 2 ** 14  # ... or at this many terms, keeping the (still rigorous) tail bound
 SIGMA_RANGE = (1e-2, 1e6)   # where calibrate_sigma searches (its doubling may step to 2^20)
-SIGMA_LIMITS = (1e-3, 1e8)  # the sigmas accepted at all: around SIGMA_RANGE, inside float range
-MAX_STEPS = 10 ** 15        # below 2^53, so every accepted count is exact in float64
-MIN_ORDER = 1.001           # nearer 1 the conversion alone charges > 1000 log(1/delta)
-MAX_ORDER = 10_000          # the sums grow with the order; 1024 is already ample
-
-
-# ---------------------------------------------------------------- input checks
-def _check(name, value, ok, requirement):
-    """float(value) if it is a finite number with ok(value), else a one-line ValueError."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value}")
-    if not ok(value):
-        raise ValueError(f"{name}: must be {requirement}, got {value:g}")
-    return value
-
-
-def _check_mechanism(q, sigma, steps):
-    low, high = SIGMA_LIMITS
-    q = _check("q", q, lambda v: 0 <= v <= 1, "in [0, 1]")
-    sigma = _check("sigma", sigma, lambda v: v != 0, "> 0 (sigma = 0 adds no noise: epsilon = inf)")
-    sigma = _check("sigma", sigma, lambda v: low <= v <= high, f"in [{low:g}, {high:g}]")
-    steps = _check("steps", steps, lambda v: 0 <= v <= MAX_STEPS and v == int(v),
-                   f"a whole number in [0, {MAX_STEPS:.0e}]")
-    return q, sigma, int(steps)
-
-
-def _check_history(history):
-    """The history as a list of checked (q, sigma, steps) triples."""
-    try:
-        entries = list(history)
-    except TypeError:
-        raise ValueError(f"history: must be a list of (q, sigma, steps), got {history!r}") from None
-    checked = []
-    for index, entry in enumerate(entries):
-        try:
-            q, sigma, steps = entry
-        except (TypeError, ValueError):
-            raise ValueError(f"history[{index}]: must be a (q, sigma, steps) triple") from None
-        checked.append(_check_mechanism(q, sigma, steps))
-    return checked
-
-
-def _check_delta(delta):
-    return _check("delta", delta, lambda v: 0 < v < 1, "in (0, 1)")
-
-
-def _check_orders(orders):
-    if orders is None:
-        return DEFAULT_ORDERS
-    try:
-        orders = np.atleast_1d(np.asarray(orders, dtype=float))
-    except (TypeError, ValueError):
-        raise ValueError("orders: must be a list of numbers") from None
-    in_range = np.all((orders >= MIN_ORDER) & (orders <= MAX_ORDER))
-    if orders.ndim != 1 or orders.size == 0 or not in_range:
-        raise ValueError(f"orders: must be a non-empty list of numbers in [{MIN_ORDER}, {MAX_ORDER}]")
-    return orders
-
-
-def _check_finite(name, values, inputs):
-    """values, unless one is NaN or inf: inside the accepted inputs none should be, so a non-finite
-    result is a bug, reported as a one-line error instead of a silent NaN or inf."""
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"{name}: not finite for {inputs} (an accountant bug; please report it)")
-    return values
 
 
 # ---------------------------------------------------------------- RDP of one step
@@ -318,69 +240,85 @@ class PrivacyLedger:
         return ledger
 
 
-# ---------------------------------------------------------------- command line
-def _stage(text):
-    parts = text.split(",")
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"needs Q,SIGMA,STEPS, got {text!r}")
-    return tuple(parts)  # checked by rdp() like any other input
+# ---------------------------------------------------------------- input checks
+# Accepted inputs. sigma^2 overflows past sigma = sqrt(largest float) = 1.34e154, and below
+# sigma ~ 5e-152 one step's RDP is already inf or NaN (sooner with more steps); next to 1, orders
+# divide round-off by alpha - 1 (NaN at the float after 1). So sigma must lie in SIGMA_LIMITS, steps
+# in [0, MAX_STEPS] and orders in [MIN_ORDER, MAX_ORDER]: far wider than DP-SGD uses (sigma 0.1 to
+# 1e4, millions of steps), and inside that box every result is finite; each one is still checked,
+# and a non-finite one is an error, never a return value. sigma = 0 (no noise) has epsilon = inf:
+# refused likewise. A history that never touches the data (empty, or q = 0 or steps = 0 throughout)
+# spends exactly eps = 0, reported as (0.0, None): no order is involved.
+SIGMA_LIMITS = (1e-3, 1e8)  # the sigmas accepted at all: around SIGMA_RANGE, inside float range
+MAX_STEPS = 10 ** 15        # below 2^53, so every accepted count is exact in float64
+MIN_ORDER = 1.001           # nearer 1 the conversion alone charges > 1000 log(1/delta)
+MAX_ORDER = 10_000          # the sums grow with the order; 1024 is already ample
 
 
-def _rounded_up(value):  # what the command line prints must not understate eps or sigma
-    return f"{math.ceil(value * 1e4) / 1e4:.4f}"
-
-
-def _answer(args):
-    delta, history, last = _check_delta(args.delta), list(args.stage), (args.q, args.sigma, args.steps)
-    if args.eps is not None:
-        if args.q is None or args.steps is None:
-            raise ValueError("--eps: needs --q and --steps (the mechanism to calibrate)")
-        sigma = calibrate_sigma(args.eps, delta, args.q, args.steps, history)
-        sigma = math.ceil(sigma * 1e4) / 1e4  # the printed sigma itself still meets the target
-        eps, order = epsilon(history + [(args.q, sigma, args.steps)], delta)
-        return f"sigma={sigma:.4f} (epsilon={_rounded_up(eps)} at delta={delta:g}, best order {order:g})"
-    if None not in last:
-        history.append(last)
-    elif any(value is not None for value in last):
-        raise ValueError("--q, --sigma, --steps: give all three (or --eps instead of --sigma)")
-    if not history:
-        raise ValueError("--stage, --q: nothing to account; give a mechanism")
-    eps, order = epsilon(history, delta)
-    if order is None:
-        return f"epsilon={_rounded_up(eps)} at delta={delta:g} (nothing touches the data)"
-    return f"epsilon={_rounded_up(eps)} at delta={delta:g} (best order {order:g})"
-
-
-def main(argv=None):
-    parser = cli.OneLineParser(
-        description="Epsilon spent by Poisson-subsampled Gaussian mechanisms (RDP accountant),\n"
-                    "or the smallest sigma that meets a target epsilon. Prints one line.",
-        epilog="examples:\n"
-               "  accountant.py --q 0.0667 --sigma 13.1 --steps 2250\n"
-               "  accountant.py --q 0.0667 --eps 1 --steps 2250\n"
-               "  accountant.py --stage 0.1,5,5 --q 0.0667 --eps 1 --steps 2250  # central, then DP-SGD\n"
-               "  accountant.py --stage 0.1,5,5 --stage 0.0667,13.1,2250",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", type=_stage, action="append", default=[], metavar="Q,SIGMA,STEPS",
-                        help="an earlier mechanism of the history; repeat for several, in order")
-    parser.add_argument("--q", help="sampling rate of the last mechanism")
-    noise = parser.add_mutually_exclusive_group()
-    noise.add_argument("--sigma", help="its noise multiplier: print epsilon")
-    noise.add_argument("--eps", help="target epsilon: print the smallest sigma that meets it")
-    parser.add_argument("--steps", help="its number of steps")
-    parser.add_argument("--delta", default="1e-5", help="delta (default 1e-5)")
-    args = parser.parse_args(argv)
+def _check(name, value, ok, requirement):
+    """float(value) if it is a finite number with ok(value), else a one-line ValueError."""
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            print(_answer(args))
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for message in dict.fromkeys(str(w.message) for w in caught):  # each warning once
-        print(f"warning: {message}", file=sys.stderr)
-    return 0
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value}")
+    if not ok(value):
+        raise ValueError(f"{name}: must be {requirement}, got {value:g}")
+    return value
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _check_mechanism(q, sigma, steps):
+    low, high = SIGMA_LIMITS
+    q = _check("q", q, lambda v: 0 <= v <= 1, "in [0, 1]")
+    sigma = _check("sigma", sigma, lambda v: v != 0, "> 0 (sigma = 0 adds no noise: epsilon = inf)")
+    sigma = _check("sigma", sigma, lambda v: low <= v <= high, f"in [{low:g}, {high:g}]")
+    steps = _check("steps", steps, lambda v: 0 <= v <= MAX_STEPS and v == int(v),
+                   f"a whole number in [0, {MAX_STEPS:.0e}]")
+    return q, sigma, int(steps)
+
+
+def _check_history(history):
+    """The history as a list of checked (q, sigma, steps) triples."""
+    try:
+        entries = list(history)
+    except TypeError:
+        raise ValueError(f"history: must be a list of (q, sigma, steps), got {history!r}") from None
+    checked = []
+    for index, entry in enumerate(entries):
+        try:
+            q, sigma, steps = entry
+        except (TypeError, ValueError):
+            raise ValueError(f"history[{index}]: must be a (q, sigma, steps) triple") from None
+        checked.append(_check_mechanism(q, sigma, steps))
+    return checked
+
+
+def _check_delta(delta):
+    return _check("delta", delta, lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def _check_orders(orders):
+    if orders is None:
+        return DEFAULT_ORDERS
+    try:
+        orders = np.atleast_1d(np.asarray(orders, dtype=float))
+    except (TypeError, ValueError):
+        raise ValueError("orders: must be a list of numbers") from None
+    in_range = np.all((orders >= MIN_ORDER) & (orders <= MAX_ORDER))
+    if orders.ndim != 1 or orders.size == 0 or not in_range:
+        raise ValueError(f"orders: must be a non-empty list of numbers in [{MIN_ORDER}, {MAX_ORDER}]")
+    return orders
+
+
+def _check_finite(name, values, inputs):
+    """values, unless one is NaN or inf: inside the accepted inputs none should be, so a non-finite
+    result is a bug, reported as a one-line error instead of a silent NaN or inf."""
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name}: not finite for {inputs} (an accountant bug; please report it)")
+    return values
+
+
+if __name__ == "__main__":  # the command line lives in harness/commands.py
+    from harness import commands
+    sys.exit(commands.accountant_command(sys.argv[1:]))

@@ -22,8 +22,7 @@ its only caller is `noisy_class_means`, which adds the noise before anything els
 image, magnitude drawn from 1..M (3 for grayscale, 9 for colour), re-drawn on every call. It
 only ever touches released images.
 """
-from harness import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
-from harness import flags
+from harness import cli  # noqa: F401  (first: a Ctrl-C while torch loads is one line)
 import math
 import sys
 
@@ -37,27 +36,28 @@ import randomness
 # The mechanism
 # ---------------------------------------------------------------------------------------------
 
-def downsample(images):
-    """[N,C,H,W] uint8 or float -> float64 [N,C,H//2,W//2] in [0,1], nearest neighbour.
+def central_images(images, labels, num_classes, q=0.1, sigma=5.0, queries=5, generator=None,
+                   postprocess=True):
+    """DP-FETA's central images: T = `queries` Gaussian-mechanism releases of noisy class means.
 
-    Float inputs are mapped into [0, 1] (not checked): NaN counts as 0 (clamping keeps a NaN,
-    which would make its class's whole release NaN) and everything else is clamped, so the
-    sensitivity bound sqrt(d') holds for ANY input, without a data-dependent error message.
-    float64 keeps sums of thousands exact enough."""
-    h, w = images.shape[-2] // 2, images.shape[-1] // 2
-    small = F.interpolate(images.float(), size=(h, w), mode="nearest").double()
-    return small / 255.0 if images.dtype == torch.uint8 else small.nan_to_num(0.0).clamp(0.0, 1.0)
-
-
-def poisson_class_sums(images, labels, num_classes, q, generator):
-    """CLEAN per-class sums [K,C,h,w] of the downsampled images of one Poisson sample.
-
-    This is the only function that reads the sensitive data. Its result must go through
-    noise before it leaves the module (see noisy_class_means)."""
-    mask = randomness.poisson_sample(images.shape[0], q, generator).to(images.device)
-    sampled = downsample(images[mask])
-    sums = torch.zeros((num_classes,) + sampled.shape[1:], dtype=torch.float64, device=sampled.device)
-    return sums.index_add_(0, labels[mask], sampled)
+    images: the sensitive set, uint8 [N,C,H,W] (or float in [0,1]: other values are clamped,
+    NaN counts as 0); labels: int64 [N] in 0..K-1.
+    generator: the secret generator (randomness.secret_generator) for the samples and noise.
+    Returns (central float32 [T*K,C,H,W] in [0,1], central_labels int64 [T*K],
+    mechanism (q', sigma, T) for the accountant, q' = randomness.sampling_rate(q), the exact
+    inclusion probability). Output i is query i // K, class i % K."""
+    _check_arguments(images, labels, num_classes, q, sigma, queries, generator)
+    size = images.shape[-2:]
+    releases = []
+    for _ in range(int(queries)):
+        means = noisy_class_means(images, labels, num_classes, q, sigma, generator)
+        # From here on only noisy (released) values are used.
+        means = F.interpolate(means.clamp(0.0, 1.0).float(), size=size, mode="bilinear",
+                              align_corners=False)
+        releases.append(median_and_sharpen(means) if postprocess else means)
+    central = torch.cat(releases).clamp(0.0, 1.0)
+    central_labels = torch.arange(num_classes, device=central.device).repeat(int(queries))
+    return central, central_labels, (randomness.sampling_rate(q), sigma, int(queries))
 
 
 def noisy_class_means(images, labels, num_classes, q, sigma, generator):
@@ -79,6 +79,36 @@ def noisy_class_means(images, labels, num_classes, q, sigma, generator):
     return noisy_sums / expected_count
 
 
+def poisson_class_sums(images, labels, num_classes, q, generator):
+    """CLEAN per-class sums [K,C,h,w] of the downsampled images of one Poisson sample.
+
+    This is the only function that reads the sensitive data. Its result must go through
+    noise before it leaves the module (see noisy_class_means)."""
+    mask = randomness.poisson_sample(images.shape[0], q, generator).to(images.device)
+    sampled = downsample(images[mask])
+    sums = torch.zeros((num_classes,) + sampled.shape[1:], dtype=torch.float64, device=sampled.device)
+    return sums.index_add_(0, labels[mask], sampled)
+
+
+def downsample(images):
+    """[N,C,H,W] uint8 or float -> float64 [N,C,H//2,W//2] in [0,1], nearest neighbour.
+
+    Float inputs are mapped into [0, 1] (not checked): NaN counts as 0 (clamping keeps a NaN,
+    which would make its class's whole release NaN) and everything else is clamped, so the
+    sensitivity bound sqrt(d') holds for ANY input, without a data-dependent error message.
+    float64 keeps sums of thousands exact enough."""
+    h, w = images.shape[-2] // 2, images.shape[-1] // 2
+    small = F.interpolate(images.float(), size=(h, w), mode="nearest").double()
+    return small / 255.0 if images.dtype == torch.uint8 else small.nan_to_num(0.0).clamp(0.0, 1.0)
+
+
+# Post-processing of the official code (free in privacy)
+def median_and_sharpen(x):
+    """Post-processing of the official code (free in privacy): median blur; sharpen if grayscale."""
+    x = median3x3(x)
+    return sharpen(x) if x.shape[1] == 1 else x
+
+
 def median3x3(x):
     """3x3 median filter per channel, borders replicated (like OpenCV's medianBlur)."""
     n, c, h, w = x.shape
@@ -92,54 +122,6 @@ def sharpen(x):
     kernel = kernel.expand(x.shape[1], 1, 3, 3)
     out = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
     return out.clamp(0.0, 1.0)
-
-
-def median_and_sharpen(x):
-    """Post-processing of the official code (free in privacy): median blur; sharpen if grayscale."""
-    x = median3x3(x)
-    return sharpen(x) if x.shape[1] == 1 else x
-
-
-def central_images(images, labels, num_classes, q=0.1, sigma=5.0, queries=5, generator=None,
-                   postprocess=True):
-    """DP-FETA's central images: T = `queries` Gaussian-mechanism releases of noisy class means.
-
-    images: the sensitive set, uint8 [N,C,H,W] (or float in [0,1]: other values are clamped,
-    NaN counts as 0); labels: int64 [N] in 0..K-1.
-    generator: the secret generator (randomness.secret_generator) for the samples and noise.
-    Returns (central float32 [T*K,C,H,W] in [0,1], central_labels int64 [T*K],
-    mechanism (q', sigma, T) for the accountant, q' = randomness.sampling_rate(q), the exact
-    inclusion probability). Output i is query i // K, class i % K."""
-    if images.dim() != 4 or labels.shape != (images.shape[0],):
-        raise ValueError("images: expected [N,C,H,W] with labels [N], got %s and %s"
-                         % (tuple(images.shape), tuple(labels.shape)))
-    if images.shape[0] == 0:
-        raise ValueError("images: the sensitive set is empty")
-    if not 0.0 < q <= 1.0:
-        raise ValueError("q: sampling rate must be in (0, 1], got %r" % (q,))
-    if not sigma >= 0.0:
-        raise ValueError("sigma: noise multiplier must be >= 0, got %r" % (sigma,))
-    if int(queries) != queries or queries < 1:
-        raise ValueError("queries: must be a positive integer, got %r" % (queries,))
-    if num_classes < 1:
-        raise ValueError("num_classes: must be >= 1, got %r" % (num_classes,))
-    # An argument check (raises, releases nothing); index_add_ would fail on bad labels anyway.
-    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
-        raise ValueError("labels: must lie in 0..num_classes-1 (num_classes=%d)" % num_classes)
-    if generator is None:
-        raise ValueError("generator: pass the secret generator (randomness.secret_generator)")
-
-    size = images.shape[-2:]
-    releases = []
-    for _ in range(int(queries)):
-        means = noisy_class_means(images, labels, num_classes, q, sigma, generator)
-        # From here on only noisy (released) values are used.
-        means = F.interpolate(means.clamp(0.0, 1.0).float(), size=size, mode="bilinear",
-                              align_corners=False)
-        releases.append(median_and_sharpen(means) if postprocess else means)
-    central = torch.cat(releases).clamp(0.0, 1.0)
-    central_labels = torch.arange(num_classes, device=central.device).repeat(int(queries))
-    return central, central_labels, (randomness.sampling_rate(q), sigma, int(queries))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,65 +216,31 @@ def augment(images, generator, num_ops=2, max_magnitude=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pictures
+# Checks
 # ---------------------------------------------------------------------------------------------
 
-def save_pictures(central, central_labels, num_classes, out_dir, generator):
-    """PNG grids: central.png (one row per class, one column per query) and augmented.png
-    (each row: one central image of each class, freshly augmented)."""
-    import os
-    from harness.data import save_grid
-    os.makedirs(out_dir, exist_ok=True)
-    queries = central.shape[0] // num_classes
-    by_class = central.view(queries, num_classes, *central.shape[1:]).transpose(0, 1)
-    save_grid(by_class.reshape(central.shape), os.path.join(out_dir, "central.png"), nrow=queries)
-    first = central[:num_classes].repeat(8, 1, 1, 1)   # 8 draws of each class's first image
-    augmented = augment(first, generator)
-    save_grid(augmented, os.path.join(out_dir, "augmented.png"), nrow=num_classes)
+def _check_arguments(images, labels, num_classes, q, sigma, queries, generator):
+    """central_images' arguments, each refused in one line. They raise and release nothing;
+    index_add_ would fail on bad labels anyway."""
+    if images.dim() != 4 or labels.shape != (images.shape[0],):
+        raise ValueError("images: expected [N,C,H,W] with labels [N], got %s and %s"
+                         % (tuple(images.shape), tuple(labels.shape)))
+    if images.shape[0] == 0:
+        raise ValueError("images: the sensitive set is empty")
+    if not 0.0 < q <= 1.0:
+        raise ValueError("q: sampling rate must be in (0, 1], got %r" % (q,))
+    if not sigma >= 0.0:
+        raise ValueError("sigma: noise multiplier must be >= 0, got %r" % (sigma,))
+    if int(queries) != queries or queries < 1:
+        raise ValueError("queries: must be a positive integer, got %r" % (queries,))
+    if num_classes < 1:
+        raise ValueError("num_classes: must be >= 1, got %r" % (num_classes,))
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise ValueError("labels: must lie in 0..num_classes-1 (num_classes=%d)" % num_classes)
+    if generator is None:
+        raise ValueError("generator: pass the secret generator (randomness.secret_generator)")
 
 
-def main(argv=None):
-    import os
-    from harness import data
-    import settings  # the bounds of train.py's flags for the same numbers (REQUIREMENTS)
-    parser = cli.OneLineParser(description="Release DP-FETA central images and save PNGs.")
-    parser.add_argument("--dataset", default="mnist", choices=data.INFO)
-    parser.add_argument("--data-dir", type=cli.path)
-    parser.add_argument("--trust-data-files", action="store_true",
-                        help="accept dataset files that are not the official ones, knowingly")
-    parser.add_argument("--out", type=cli.path, required=True)
-    parser.add_argument("--q", type=flags.bounded("central_q"), default=0.1)
-    parser.add_argument("--sigma", type=flags.bounded("central_sigma"), default=5.0)
-    parser.add_argument("--queries", type=flags.bounded("central_queries"), default=5)
-    parser.add_argument("--seed", type=flags.bounded("seed"), default=None,
-                        help="testing only: a known seed lets anyone remove the noise "
-                             "(default: a secret generator)")
-    args = parser.parse_args(argv)
-    try:
-        # A release spends privacy: an earlier one in --out is never overwritten.
-        for name in ("central.png", "augmented.png"):
-            if os.path.exists(os.path.join(args.out, name)):
-                raise ValueError(f"--out: {args.out} already holds {name}; choose another folder")
-        images, labels = data.load(args.dataset, "train", args.data_dir, args.trust_data_files)
-        try:  # a folder we cannot make fails before the release
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out: cannot make the folder {args.out} ({e.strerror})") from None
-        info = data.INFO[args.dataset]
-        secret = randomness.secret_generator(args.seed)
-        central, central_labels, mechanism = central_images(
-            images, labels, info["classes"], args.q, args.sigma, args.queries, secret)
-        # The augmentation shown in the picture draws from its own generator: its draws are
-        # visible, and must reveal nothing about the secret generator's state.
-        public = torch.Generator().manual_seed(0)
-        save_pictures(central, central_labels, info["classes"], args.out, public)
-    except (ValueError, OSError, data.DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2)
-    # (No timing: the release's time grows with its secret Poisson sample sizes.)
-    print(f"central images {tuple(central.shape)}; mechanism (q, sigma, T) = {mechanism}; PNGs in "
-          f"{args.out}")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command line lives in harness/commands.py
+    from harness import commands
+    sys.exit(commands.central_command(sys.argv[1:]))

@@ -26,123 +26,38 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 
+def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
+            expected_batch_size, noise_generator, chunk_size=32, autocast=False,
+            sum_over_processes=None):
+    """One DP-SGD step (Abadi et al. 2016, Algorithm 1) on a Poisson-sampled batch.
 
-def check_per_example_independence(model):
-    """Refuse layers that mix examples of a batch: one example's gradient would then depend on
-    the others, clipping would no longer bound one example's influence, and the privacy
-    analysis would be void. (Running statistics are also an unprotected release of data.)"""
-    for name, module in model.named_modules():
-        mixes = isinstance(module, nn.modules.batchnorm._BatchNorm) or (  # also SyncBatchNorm
-            isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
-        )
-        if mixes:
-            raise ValueError(
-                f"model: layer '{name}' ({type(module).__name__}) mixes examples in a batch or keeps "
-                "running statistics, which DP-SGD cannot clip per example; use GroupNorm instead"
-            )
-
-
-def check_autocast_support(model):
-    """Under bfloat16 autocast on the CPU, an nn.GroupNorm runs in bfloat16 and torch 2.13's
-    per-example (vmap) backward of it fails on the mixed dtypes deep inside autograd. Refuse it
-    here in one line instead; a GroupNorm that computes in float32 (diffusion.GroupNorm) works,
-    and is what CUDA's autocast does anyway."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.GroupNorm) and type(module).forward is nn.GroupNorm.forward:
-            raise ValueError(
-                f"model: layer '{name}' (GroupNorm) would run in bfloat16 under autocast, where "
-                "torch's per-example backward fails; compute it in float32 (diffusion.GroupNorm) "
-                "or turn autocast off")
-
-
-def _trainable_params(model):
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _per_example_grad_fn(model, per_example_loss, num_tensors, autocast=False):
-    """Return f(params, *chunk_tensors) -> (grads dict of [b, ...], losses [b]).
-
-    Inside vmap each example is seen alone, re-given a batch dim of 1, so the caller's loss is
-    written once for ordinary batches. Buffers and frozen parameters are read from `model`.
-    autocast: the forward pass only runs under bfloat16 autocast (as with loss.backward(), the
-    backward pass follows the forward's dtypes); gradients come out float32 like the weights.
-    """
-    device_type = next(model.parameters()).device.type
-
-    def loss_of_one_example(params, *example):
-        def model_fn(*args, **kwargs):
-            return functional_call(model, params, args, kwargs)
-
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            loss = per_example_loss(model_fn, *(t.unsqueeze(0) for t in example))
-        return loss.float().sum()  # [1] -> []
-
-    def grad_and_loss_of_one_example(params, *example):
-        # This is torch.func.grad, spelled as vjp so that we can pass create_graph=False: grad
-        # always records the backward pass for higher derivatives, which DP-SGD never takes;
-        # measured, that doubles the memory of a chunk. Same gradients either way.
-        loss, backward = vjp(lambda p: loss_of_one_example(p, *example), params)
-        (grads,) = backward(torch.ones_like(loss), create_graph=False)
-        return grads, loss
-
-    # randomness="different": layers like dropout draw an independent mask per example, as in
-    # an ordinary batched forward pass.
-    return vmap(grad_and_loss_of_one_example, in_dims=(None,) + (0,) * num_tensors,
-                randomness="different")
-
-
-def _chunks(batch_size, chunk_size):
-    chunk_size = batch_size if chunk_size is None else chunk_size
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: must be a positive integer or None, got {chunk_size}")
-    return [(s, min(s + chunk_size, batch_size)) for s in range(0, batch_size, chunk_size)]
-
-
-def per_sample_grads(model, per_example_loss, *batch_tensors, chunk_size=None, autocast=False):
-    """Per-example gradients {parameter name: [B, *param.shape]} of per_example_loss.
-
-    per_example_loss(model_callable, *tensors) -> [B]; every tensor in batch_tensors has the
-    examples along dim 0. Gradients are computed chunk_size examples at a time (None: all),
-    with the forward pass under bfloat16 autocast if asked (as in clipped_sum).
+    per_example_loss(model_callable, *tensors) -> [B]: the loss of each example (a callable that
+    runs the model, then the examples' tensors), written once for ordinary batches.
+    batch_tensors: tuple of tensors with the batch's examples along dim 0 (may be empty).
+    clip_norm C, noise multiplier sigma, expected_batch_size qN with the q of the sampler and
+    the accountant. noise_generator: the secret generator (randomness.py).
+    chunk_size: examples per vmap pass. Memory grows with it (never with the logical batch);
+    on a 2-core CPU about 128 images per pass (chunk_size * K draws) ran fastest.
+    autocast: the forward pass under bfloat16 autocast (CPUs with bf16 units, GPUs); the
+    per-example gradients stay float32, and their norms, clipping, sum and noise float64.
+    sum_over_processes: with several processes (torchrun), batch_tensors is this
+    process's share of the batch and this function adds the shares' clipped sums (an
+    all-reduce); every process must call dp_step every step, with an empty share too.
+    Returns nothing: everything it could report about the batch is unprivatised.
     """
     check_per_example_independence(model)
     if autocast:
         check_autocast_support(model)
-    params = {n: p.detach() for n, p in _trainable_params(model).items()}
-    grad_fn = _per_example_grad_fn(model, per_example_loss, len(batch_tensors), autocast)
-    pieces = [grad_fn(params, *(t[s:e] for t in batch_tensors))[0]
-              for s, e in _chunks(len(batch_tensors[0]), chunk_size)]
-    return {n: torch.cat([piece[n] for piece in pieces]) for n in params}
-
-
-# The clipping norms C that dp_step accepts: the normal float32 numbers, like the gradients that C
-# bounds. For every such C and every finite float32 gradient, the float64 arithmetic of clipping,
-# summing and noising neither underflows nor overflows, as clip_margin's proof assumes. (With
-# float32 squares, C = 1e-30 clipped nothing: a gradient of norm 10 C had squares below float32's
-# range, its norm came out 0, and it passed unclipped.)
-CLIP_NORM_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
-
-
-def clip_margin(numels):
-    """The relative margin m such that clipping to C (1 - m) keeps the sensitivity of the
-    computed sum <= C, rounding included: adding or removing one example moves the float64 sum
-    of clipped gradients by at most C exactly, in batches of fewer than 2^17 examples.
-
-    numels: the sizes of the trainable parameter tensors. Norms, factors and sums are float64
-    (unit roundoff u = 2^-53), where the squares and products of float32 gradients never
-    underflow or overflow (C in CLIP_NORM_RANGE). Two roundings are covered (Higham, "Accuracy
-    and Stability of Numerical Algorithms"):
-    * the norm (Sec. 4.2): a sum of n non-negative terms is off by at most (n - 1) u of itself,
-      so a tensor's norm by about n u / 2, the norm over all tensors by len(numels) u / 2 more,
-      and the factor C' / norm adds one u: the first term below, with room;
-    * the sum (Sec. 3.1): a float64 sum of n products, in any order (chunks, BLAS, processes),
-      is off by at most n u / (1 - n u) times the sum of their absolute values: for n
-      contributions of norm <= C, by about n^2 u C in L2. Neighbouring batches (n and n + 1
-      examples) then differ by at most 2 (n + 1)^2 u C more than the one contribution: under
-      2^-18 C for n + 1 <= 2^17 (every batch of MNIST's 60,000 images), and 2^-17 covers it.
-      For a batch of n >= 2^17 examples the bound is C (1 + 2 (n + 1)^2 u) instead.
-    m is about 8e-6: far below any effect on utility."""
-    return (max(numels) + len(numels) + 8) * 2.0 ** -53 + 2.0 ** -17
+    _check_step_arguments(batch_tensors, clip_norm, sigma, expected_batch_size)
+    summed = clipped_sum(model, per_example_loss, batch_tensors, clip_norm, chunk_size, autocast)
+    if sum_over_processes is not None:
+        summed = sum_over_processes(summed)  # now the whole batch's sum, on every process
+    # The noise goes on the whole batch's sum, after any reduction: one draw per logical step.
+    # (With several processes each draws the same vector from the same generator state and
+    # adds it to the same sum: the same noisy sum everywhere, not one draw per process.)
+    noisy_sum = add_noise(summed, sigma, clip_norm, noise_generator)
+    scale_grad(model, noisy_sum, expected_batch_size)
+    optimizer.step()
 
 
 def clipped_sum(model, per_example_loss, batch_tensors, clip_norm, chunk_size=32,
@@ -225,37 +140,103 @@ def scale_grad(model, noisy_sum, expected_batch_size):
         p.grad = view.view_as(p).to(p.dtype)  # the cast of the noisy value: post-processing
 
 
-def dp_step(model, optimizer, per_example_loss, batch_tensors, clip_norm, sigma,
-            expected_batch_size, noise_generator, chunk_size=32, autocast=False,
-            sum_over_processes=None):
-    """One DP-SGD step (Abadi et al. 2016, Algorithm 1) on a Poisson-sampled batch.
+# ------------------------------------------------------------------------------ how, in detail
+def _per_example_grad_fn(model, per_example_loss, num_tensors, autocast=False):
+    """Return f(params, *chunk_tensors) -> (grads dict of [b, ...], losses [b]).
 
-    per_example_loss(model_callable, *tensors) -> [B], as for per_sample_grads.
-    batch_tensors: tuple of tensors with the batch's examples along dim 0 (may be empty).
-    clip_norm C, noise multiplier sigma, expected_batch_size qN with the q of the sampler and
-    the accountant. noise_generator: the secret generator (randomness.py).
-    chunk_size: examples per vmap pass. Memory grows with it (never with the logical batch);
-    on a 2-core CPU about 128 images per pass (chunk_size * K draws) ran fastest.
-    autocast: the forward pass under bfloat16 autocast (CPUs with bf16 units, GPUs); the
-    per-example gradients stay float32, and their norms, clipping, sum and noise float64.
-    sum_over_processes: with several processes (torchrun), batch_tensors is this
-    process's share of the batch and this function adds the shares' clipped sums (an
-    all-reduce); every process must call dp_step every step, with an empty share too.
-    Returns nothing: everything it could report about the batch is unprivatised.
+    Inside vmap each example is seen alone, re-given a batch dim of 1, so the caller's loss is
+    written once for ordinary batches. Buffers and frozen parameters are read from `model`.
+    autocast: the forward pass only runs under bfloat16 autocast (as with loss.backward(), the
+    backward pass follows the forward's dtypes); gradients come out float32 like the weights.
     """
-    check_per_example_independence(model)
-    if autocast:
-        check_autocast_support(model)
-    _check_step_arguments(batch_tensors, clip_norm, sigma, expected_batch_size)
-    summed = clipped_sum(model, per_example_loss, batch_tensors, clip_norm, chunk_size, autocast)
-    if sum_over_processes is not None:
-        summed = sum_over_processes(summed)  # now the whole batch's sum, on every process
-    # The noise goes on the whole batch's sum, after any reduction: one draw per logical step.
-    # (With several processes each draws the same vector from the same generator state and
-    # adds it to the same sum: the same noisy sum everywhere, not one draw per process.)
-    noisy_sum = add_noise(summed, sigma, clip_norm, noise_generator)
-    scale_grad(model, noisy_sum, expected_batch_size)
-    optimizer.step()
+    device_type = next(model.parameters()).device.type
+
+    def loss_of_one_example(params, *example):
+        def model_fn(*args, **kwargs):
+            return functional_call(model, params, args, kwargs)
+
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            loss = per_example_loss(model_fn, *(t.unsqueeze(0) for t in example))
+        return loss.float().sum()  # [1] -> []
+
+    def grad_and_loss_of_one_example(params, *example):
+        # This is torch.func.grad, spelled as vjp so that we can pass create_graph=False: grad
+        # always records the backward pass for higher derivatives, which DP-SGD never takes;
+        # measured, that doubles the memory of a chunk. Same gradients either way.
+        loss, backward = vjp(lambda p: loss_of_one_example(p, *example), params)
+        (grads,) = backward(torch.ones_like(loss), create_graph=False)
+        return grads, loss
+
+    # randomness="different": layers like dropout draw an independent mask per example, as in
+    # an ordinary batched forward pass.
+    return vmap(grad_and_loss_of_one_example, in_dims=(None,) + (0,) * num_tensors,
+                randomness="different")
+
+
+def _chunks(batch_size, chunk_size):
+    chunk_size = batch_size if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be a positive integer or None, got {chunk_size}")
+    return [(s, min(s + chunk_size, batch_size)) for s in range(0, batch_size, chunk_size)]
+
+
+# The clipping norms C that dp_step accepts: the normal float32 numbers, like the gradients that C
+# bounds. For every such C and every finite float32 gradient, the float64 arithmetic of clipping,
+# summing and noising neither underflows nor overflows, as clip_margin's proof assumes. (With
+# float32 squares, C = 1e-30 clipped nothing: a gradient of norm 10 C had squares below float32's
+# range, its norm came out 0, and it passed unclipped.)
+CLIP_NORM_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+
+
+def clip_margin(numels):
+    """The relative margin m such that clipping to C (1 - m) keeps the sensitivity of the
+    computed sum <= C, rounding included: adding or removing one example moves the float64 sum
+    of clipped gradients by at most C exactly, in batches of fewer than 2^17 examples.
+
+    numels: the sizes of the trainable parameter tensors. Norms, factors and sums are float64
+    (unit roundoff u = 2^-53), where the squares and products of float32 gradients never
+    underflow or overflow (C in CLIP_NORM_RANGE). Two roundings are covered (Higham, "Accuracy
+    and Stability of Numerical Algorithms"):
+    * the norm (Sec. 4.2): a sum of n non-negative terms is off by at most (n - 1) u of itself,
+      so a tensor's norm by about n u / 2, the norm over all tensors by len(numels) u / 2 more,
+      and the factor C' / norm adds one u: the first term below, with room;
+    * the sum (Sec. 3.1): a float64 sum of n products, in any order (chunks, BLAS, processes),
+      is off by at most n u / (1 - n u) times the sum of their absolute values: for n
+      contributions of norm <= C, by about n^2 u C in L2. Neighbouring batches (n and n + 1
+      examples) then differ by at most 2 (n + 1)^2 u C more than the one contribution: under
+      2^-18 C for n + 1 <= 2^17 (every batch of MNIST's 60,000 images), and 2^-17 covers it.
+      For a batch of n >= 2^17 examples the bound is C (1 + 2 (n + 1)^2 u) instead.
+    m is about 8e-6: far below any effect on utility."""
+    return (max(numels) + len(numels) + 8) * 2.0 ** -53 + 2.0 ** -17
+
+
+# ------------------------------------------------------------------------------ checks
+def check_per_example_independence(model):
+    """Refuse layers that mix examples of a batch: one example's gradient would then depend on
+    the others, clipping would no longer bound one example's influence, and the privacy
+    analysis would be void. (Running statistics are also an unprotected release of data.)"""
+    for name, module in model.named_modules():
+        mixes = isinstance(module, nn.modules.batchnorm._BatchNorm) or (  # also SyncBatchNorm
+            isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
+        )
+        if mixes:
+            raise ValueError(
+                f"model: layer '{name}' ({type(module).__name__}) mixes examples in a batch or keeps "
+                "running statistics, which DP-SGD cannot clip per example; use GroupNorm instead"
+            )
+
+
+def check_autocast_support(model):
+    """Under bfloat16 autocast on the CPU, an nn.GroupNorm runs in bfloat16 and torch 2.13's
+    per-example (vmap) backward of it fails on the mixed dtypes deep inside autograd. Refuse it
+    here in one line instead; a GroupNorm that computes in float32 (diffusion.GroupNorm) works,
+    and is what CUDA's autocast does anyway."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.GroupNorm) and type(module).forward is nn.GroupNorm.forward:
+            raise ValueError(
+                f"model: layer '{name}' (GroupNorm) would run in bfloat16 under autocast, where "
+                "torch's per-example backward fails; compute it in float32 (diffusion.GroupNorm) "
+                "or turn autocast off")
 
 
 def _check_step_arguments(batch_tensors, clip_norm, sigma, expected_batch_size):
@@ -267,3 +248,7 @@ def _check_step_arguments(batch_tensors, clip_norm, sigma, expected_batch_size):
     if len({len(t) for t in batch_tensors}) != 1:
         raise ValueError(f"batch_tensors: need >= 1 tensors sharing dim 0, got shapes "
                          f"{[tuple(t.shape) for t in batch_tensors]}")
+
+
+def _trainable_params(model):
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -19,13 +19,13 @@ import os
 import sys
 
 import torch
+from torch.func import functional_call, grad, vmap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from harness import data  # noqa: E402
 import diffusion  # noqa: E402
-import dpsgd  # noqa: E402
 from harness import runs  # noqa: E402
 import settings  # noqa: E402
 import train  # noqa: E402
@@ -34,7 +34,16 @@ import train  # noqa: E402
 def per_example_gradients(model, ddpm, images, labels, noise_draws, generator):
     """[n, P] float64: each example's gradient of the diffusion loss, flattened."""
     y_in, t, noise = ddpm.draw_inputs(labels, noise_draws, images.shape[1:], generator)
-    grads = dpsgd.per_sample_grads(model, ddpm.loss, images, y_in, t, noise, chunk_size=64)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss_of_one(params, *example):  # one example, given back its batch dimension
+        return ddpm.loss(lambda *a: functional_call(model, params, a),
+                         *(v.unsqueeze(0) for v in example)).sum()
+
+    grad_fn = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0, 0))
+    chunks = [grad_fn(params, *(v[s:s + 64] for v in (images, y_in, t, noise)))
+              for s in range(0, len(images), 64)]
+    grads = {name: torch.cat([chunk[name] for chunk in chunks]) for name in params}
     return torch.cat([g.reshape(len(images), -1).double() for g in grads.values()], 1), t
 
 

@@ -16,7 +16,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from diffusion import UNet  # noqa: E402  (after the root is on sys.path)
+import dpsgd  # noqa: E402  (after the root is on sys.path)
+from diffusion import UNet  # noqa: E402
 
 _CANDIDATES = [os.environ.get("MNIST_DIR"), os.path.join(ROOT, "..", "shared", "data", "mnist"),
                os.path.join(ROOT, "data", "mnist")]
@@ -81,3 +82,22 @@ def quiet_signals():
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+
+
+def per_sample_grads(model, per_example_loss, *batch_tensors, chunk_size=None, autocast=False):
+    """The tests' reference: per-example gradients {parameter name: [B, *param.shape]} of
+    per_example_loss, from the very function dpsgd.clipped_sum uses (which clips and drops
+    them chunk by chunk, never keeping them), with dp_step's checks.
+
+    per_example_loss(model_callable, *tensors) -> [B]; every tensor in batch_tensors has the
+    examples along dim 0. Gradients are computed chunk_size examples at a time (None: all),
+    with the forward pass under bfloat16 autocast if asked (as in clipped_sum).
+    """
+    dpsgd.check_per_example_independence(model)
+    if autocast:
+        dpsgd.check_autocast_support(model)
+    params = {n: p.detach() for n, p in dpsgd._trainable_params(model).items()}
+    grad_fn = dpsgd._per_example_grad_fn(model, per_example_loss, len(batch_tensors), autocast)
+    pieces = [grad_fn(params, *(t[s:e] for t in batch_tensors))[0]
+              for s, e in dpsgd._chunks(len(batch_tensors[0]), chunk_size)]
+    return {n: torch.cat([piece[n] for piece in pieces]) for n in params}

@@ -13,6 +13,7 @@ import pytest
 from scipy import integrate
 
 import accountant  # the repository root is on sys.path (conftest.py)
+from harness import commands
 from accountant import PrivacyLedger, calibrate_sigma, epsilon, rdp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +205,7 @@ def test_a_history_that_never_touches_the_data_spends_exactly_zero(capsys):
     ledger = PrivacyLedger(1e-5)
     ledger.add("central", 0.0, 5.0, 5)
     assert ledger.epsilon() == (0.0, None)
-    assert accountant.main(["--stage", "0,5,5"]) == 0
+    assert commands.accountant_command(["--stage", "0,5,5"]) == 0
     assert capsys.readouterr().out.startswith("epsilon=0.0000 at delta=1e-05 (nothing")
     # ... while the faintest use of the data costs more than nothing
     with pytest.warns(UserWarning, match="edge"):  # almost nothing spent: the largest order wins
@@ -300,7 +301,7 @@ def test_a_non_finite_result_is_an_error_never_a_return_value(bad, monkeypatch, 
         with pytest.raises(ValueError, match="^rdp: not finite") as error:
             call()
         assert "\n" not in str(error.value)
-    assert accountant.main(["--q", "0.1", "--sigma", "1", "--steps", "10"]) == 2
+    assert commands.accountant_command(["--q", "0.1", "--sigma", "1", "--steps", "10"]) == 2
     assert capsys.readouterr().err.startswith("error: rdp: not finite")
     # and the conversion checks its own result
     monkeypatch.setattr(accountant, "_history_rdp", lambda history, a: np.full(len(a), bad))
@@ -407,14 +408,14 @@ def test_ledger_merges_steps_and_round_trips_through_json():
 
 # ------------------------------------------------------------------ command line
 def test_cli_prints_epsilon_and_calibrated_sigma(capsys):
-    assert accountant.main(["--q", "0.0667", "--sigma", "13.1", "--steps", "2250", "--delta", "1e-5"]) == 0
+    assert commands.accountant_command(["--q", "0.0667", "--sigma", "13.1", "--steps", "2250", "--delta", "1e-5"]) == 0
     line = capsys.readouterr().out.strip()  # q = 0.0667 is a little above 1/15 (eps 0.9791)
     assert 0.979 < float(line.split()[0].split("=")[1]) < 0.981 and "best order 18" in line
-    assert accountant.main(["--stage", "0.1,5,5", "--q", str(1 / 15), "--eps", "1", "--steps", "2250"]) == 0
+    assert commands.accountant_command(["--stage", "0.1,5,5", "--q", str(1 / 15), "--eps", "1", "--steps", "2250"]) == 0
     line = capsys.readouterr().out
     printed_sigma = float(line.split()[0].split("=")[1])
     assert line.startswith("sigma=13.0") and epsilon([CENTRAL, (1 / 15, printed_sigma, 2250)], 1e-5)[0] <= 1
-    assert accountant.main(["--stage", "0.1,5,5", "--stage", f"{1 / 15},13.1,2250"]) == 0
+    assert commands.accountant_command(["--stage", "0.1,5,5", "--stage", f"{1 / 15},13.1,2250"]) == 0
     assert capsys.readouterr().out.startswith("epsilon=0.9987")
 
 
@@ -440,7 +441,7 @@ def test_cli_bad_input_is_one_line_naming_the_argument(argv, argument, tmp_path,
                                                         capsys):
     monkeypatch.chdir(tmp_path)
     try:
-        status = accountant.main(argv)
+        status = commands.accountant_command(argv)
     except SystemExit as exit_:  # argparse's own errors
         status = exit_.code
     captured = capsys.readouterr()

@@ -14,6 +14,7 @@ from torch import nn
 
 import diffusion
 import dpsgd
+from conftest import per_sample_grads
 
 
 class SmallConvNet(nn.Module):
@@ -97,7 +98,7 @@ def norm64(grads):
 
 def test_per_sample_grads_match_loop_on_groupnorm_convnet():
     model, (x, y) = make_net(), small_batch()
-    got = dpsgd.per_sample_grads(model, classification_loss, x, y, chunk_size=2)
+    got = per_sample_grads(model, classification_loss, x, y, chunk_size=2)
     want = loop_grads(model, classification_loss, x, y)
     assert all(got[n].shape == (5, *p.shape) for n, p in model.named_parameters())
     assert_rel_close(got, want, rtol=1e-5)
@@ -131,7 +132,7 @@ def test_per_sample_grads_match_loop_on_project_unet(autocast, rtol):
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(3, 1, 28, 28, generator=g) * 2 - 1
     y_in, t, noise = ddpm.draw_inputs(torch.tensor([1, 4, 7]), 2, (1, 28, 28), g)
-    got = dpsgd.per_sample_grads(model, ddpm.loss, x0, y_in, t, noise, chunk_size=2,
+    got = per_sample_grads(model, ddpm.loss, x0, y_in, t, noise, chunk_size=2,
                                  autocast=autocast)
     want = loop_grads(model, ddpm.loss, x0, y_in, t, noise, autocast=autocast)
     assert all(v.dtype == torch.float32 for v in got.values())
@@ -142,7 +143,7 @@ def test_per_sample_grads_match_loop_on_project_unet(autocast, rtol):
 
 def test_per_sample_grads_match_loop_on_groupnorm_convnet_under_autocast():
     model, (x, y) = make_net(), small_batch()
-    got = dpsgd.per_sample_grads(model, classification_loss, x, y, chunk_size=2, autocast=True)
+    got = per_sample_grads(model, classification_loss, x, y, chunk_size=2, autocast=True)
     want = loop_grads(model, classification_loss, x, y, autocast=True)
     assert_rel_close(got, want, rtol=BF16_TENSOR_RTOL)
     assert_whole_rel_close(got, want, BF16_WHOLE_RTOL)
@@ -160,7 +161,7 @@ def test_noise_multiplicity_gives_one_gradient_per_example_clipped_once():
         logits = m((x.unsqueeze(1) + noise).reshape(b * k, 1, 8, 8))
         return F.cross_entropy(logits, y.repeat_interleave(k), reduction="none").reshape(b, k).mean(1)
 
-    got = dpsgd.per_sample_grads(model, k_draw_loss, x, y, noise)
+    got = per_sample_grads(model, k_draw_loss, x, y, noise)
     assert all(g.shape[0] == 4 for g in got.values())  # one gradient per example, not per draw
     per_draw = [loop_grads(model, classification_loss, x + noise[:, j], y) for j in range(k)]
     mean_of_draws = {n: sum(d[n] for d in per_draw) / k for n in got}
@@ -203,7 +204,7 @@ def test_clipped_sum_matches_hand_computation_and_norms_are_at_most_c():
     # cancellation in the sum turns into up to 2.7e-7 (measured), more than a tolerance tight
     # enough to check the clipping. Both sums are float64, cast to float32: 2 ulps apart at most.
     want, _ = clipped_sum_by_hand(
-        dpsgd.per_sample_grads(model, classification_loss, x, y, chunk_size=4), clip)
+        per_sample_grads(model, classification_loss, x, y, chunk_size=4), clip)
     got = grads_after_step(model, classification_loss, (x, y), clip, 0.0, 1.0,
                            torch.Generator().manual_seed(0), chunk_size=4)
     for n in want:
@@ -448,7 +449,7 @@ def test_layers_that_mix_examples_are_refused(layer):
     model = make_net()
     model.norm = layer
     x, y = small_batch(2)
-    for call in (lambda: dpsgd.per_sample_grads(model, classification_loss, x, y),
+    for call in (lambda: per_sample_grads(model, classification_loss, x, y),
                  lambda: dpsgd.dp_step(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                        classification_loss, (x, y), 1.0, 1.0, 2.0,
                                        torch.Generator())):
@@ -461,14 +462,14 @@ def test_a_bfloat16_groupnorm_under_autocast_is_refused_in_one_line():
     model = make_net()
     model.norm = nn.GroupNorm(2, 8)  # torch's own: bfloat16 under CPU autocast
     x, y = small_batch(2)
-    for call in (lambda: dpsgd.per_sample_grads(model, classification_loss, x, y, autocast=True),
+    for call in (lambda: per_sample_grads(model, classification_loss, x, y, autocast=True),
                  lambda: dpsgd.dp_step(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                        classification_loss, (x, y), 1.0, 1.0, 2.0,
                                        torch.Generator(), autocast=True)):
         with pytest.raises(ValueError, match="model: layer 'norm' .GroupNorm.") as err:
             call()
         assert "\n" not in str(err.value)
-    dpsgd.per_sample_grads(model, classification_loss, x, y)  # without autocast it is fine
+    per_sample_grads(model, classification_loss, x, y)  # without autocast it is fine
 
 
 def test_per_example_layers_are_accepted_and_frozen_parameters_untouched():
@@ -476,7 +477,7 @@ def test_per_example_layers_are_accepted_and_frozen_parameters_untouched():
     model.norm = nn.InstanceNorm2d(8)  # no running statistics: per example
     model.conv1.requires_grad_(False)
     x, y = small_batch(3)
-    grads = dpsgd.per_sample_grads(model, classification_loss, x, y)
+    grads = per_sample_grads(model, classification_loss, x, y)
     assert "conv1.weight" not in grads and "head.weight" in grads
     grads_after_step(model, classification_loss, (x, y), 1.0, 1.0, 3.0,
                      torch.Generator().manual_seed(0))
