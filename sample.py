@@ -7,8 +7,8 @@
 The images come from the run's EMA weights, which are themselves post-processing of the
 DP releases: sampling reads nothing else from the checkpoint (never its secret generator
 state, never the data), so it costs no privacy and its epsilon is the run's. Draw as many as
-you like. The run's sampler settings are the defaults; --sample-steps, --solver and --guidance
-(train.py's flags, with its checks) change them for this file only. The images are drawn by
+you like. The run's sampler settings are the defaults; --sample-steps, --solver, --churn and
+--guidance (train.py's flags, with its checks) change them for this file only. The images are drawn by
 the loop that train.py's synthesis uses (samplers.sample_uniform) and written as the samples
 file that train.py writes and evaluate.py reads (evaluate.save_samples). An existing output
 file is never overwritten.
@@ -29,7 +29,7 @@ from harness import runs
 import samplers
 import settings
 
-SAMPLER_SETTINGS = ("sample_steps", "solver", "guidance")  # what this command may change
+SAMPLER_SETTINGS = ("sample_steps", "solver", "churn", "guidance")  # what this command may change
 
 
 def load_trained_model(folder):
@@ -61,6 +61,8 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=flags.bounded("sample_steps"),
                    help="sampler steps (0: ancestral; default: the run's)")
     p.add_argument("--solver", choices=samplers.SOLVERS, help="default: the run's")
+    p.add_argument("--churn", type=flags.bounded("churn"),
+                   help="Heun's S_churn, noise re-added while sampling (default: the run's)")
     p.add_argument("--guidance", type=flags.bounded("guidance"),
                    help="guidance weight w (default: the run's)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
