@@ -176,11 +176,11 @@ class UNet(nn.Module):
 
 
 MODEL_SIZES = {
-    # The paper's ~1.5 M-parameter model: attention in the blocks at 14x14 (28x28 images) or
+    # The official code's widths and depth: attention in the blocks at 14x14 (28x28 images) or
     # 16x16 (32x32 images), whichever exists, and in the middle block.
     "paper": dict(base_width=32, channel_mults=(2, 2), num_res_blocks=2, attn_resolutions=(14, 16)),
-    # Sized for DP-SGD with per-example gradients on a 2-core CPU (~0.27 M parameters): thin,
-    # three levels (28 -> 14 -> 7), attention only in the middle block at 7x7 where it is cheap.
+    # Sized for DP-SGD with per-example gradients on a 2-core CPU: thin, three levels
+    # (28 -> 14 -> 7), attention only in the middle block at 7x7 where it is cheap.
     "small": dict(base_width=16, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=()),
 }
 

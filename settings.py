@@ -26,9 +26,9 @@ class Config:
     generator_steps: int = 3000    # Adam steps fitting the generator to the frequency release
     frequency_steps: int = 2340    # warm-up steps on the generator's images (--frequency)
     dpsgd: bool = True             # the hard stage; --no-dpsgd releases the warmed-up model
-    model: str = "paper"           # UNet size: paper (1.4 M parameters) or small (0.27 M)
+    model: str = "paper"           # UNet size: paper or small (diffusion.MODEL_SIZES)
     formulation: str = "edm"       # diffusion formulation: edm (Karras et al., the official code's) or ddpm
-    batch: int = 4000              # expected (Poisson) batch size of DP-SGD: q = batch / N
+    batch: int = 4096              # expected (Poisson) batch size of DP-SGD: q = batch / N
     epochs: float = 150.0          # DP-SGD epochs: steps = epochs * N / batch
     timesteps: str = "uniform"     # training t: uniform (DDPM), noisy (P(t) ~ t) or lognormal (EDM)
     noise_draws: int = 32          # diffusion noise draws K per example, averaged before clipping
@@ -48,9 +48,10 @@ class Config:
     train_subset: int = 0          # use only the first N training images (0: all; for tests)
 
 
-# DPImageBench measured this protocol at 95.6 % accuracy and FID 13.7 (60k) on MNIST at eps = 1
-# (11 to 20 hours on 3 to 4 GPUs). Expected batch 4000 of 60000 is q = 1/15; 150 epochs are 2250
-# DP-SGD steps.
+# The official code's MNIST protocol (SunnierLee/DP-FETA, configs/mnist_28), which DPImageBench
+# measured at 95.6 % accuracy and FID 13.7 (60k) at eps = 1 (11 to 20 hours on 3 to 4 GPUs):
+# expected batch 4096 of 60,000 for 150 epochs (2,197 DP-SGD steps), K = 32, C = 1, EMA 0.999;
+# a 2,000-step warm-up at batch 64; EDM's stochastic sampler, 1,000 steps at S_churn 10.
 PAPER = Config()
 # A 2-core CPU: the small UNet, one noise draw, 205 DP-SGD steps at expected batch 1024, clip
 # norm 0.1 (a third of the median per-example gradient norm: at C = 1 most of a step is noise),

@@ -2,9 +2,9 @@
 
     python bench/paper_step_gpu.py [--device cuda] [--batch 1000] [--chunks 32 64 128 256] [--steps 2]
 
-Model and step: the paper UNet (diffusion.make_unet("paper", 1, 28, 10), 1.4 M parameters),
+Model and step: the paper UNet (diffusion.make_unet("paper", 1, 28, 10)),
 K = 32 noise draws per example, dpsgd.dp_step with Adam, as `train.py --preset paper` runs it.
-The logical batch only sets how many chunks a step has (the paper's is 4000; a smaller one
+The logical batch only sets how many chunks a step has (the paper's is 4096; a smaller one
 measures the same per-example rate in less time). For each precision (float32, whose
 convolutions use TF32 on the GPU by cuDNN's default while matrix products stay float32, and
 bfloat16 autocast) and chunk size:
@@ -15,7 +15,7 @@ growth of the process's peak resident set (run one chunk size per call to read i
 First the work: FLOPs per example counted by torch's FlopCounterMode, and the paper protocol's
 hours at a few sustained rates. Each row: examples/s, noise-draw images/s (examples x K), the
 FLOP rate that achieves, the step's peak GPU memory, and the paper protocol's 2250 steps of
-4000 examples projected at that rate on one GPU. The official
+4096 examples projected at that rate on one GPU. The official
 code's rate to compare with is about 1,860 noise-draw images/s per A6000 GPU (its published
 11 to 20 hours on 3 to 4 GPUs for 150 epochs of 60,000 images x 32 draws).
 The last line: `RESULT best_images_per_s=<r> precision=<p> chunk=<c> projected_hours=<h>`.
@@ -34,7 +34,7 @@ import diffusion  # noqa: E402
 import dpsgd  # noqa: E402
 import randomness  # noqa: E402
 
-PAPER_STEPS, PAPER_BATCH, DRAWS = 2250, 4000, 32
+PAPER_STEPS, PAPER_BATCH, DRAWS = 2197, 4096, 32
 
 
 def one_config(device, batch, chunk, autocast, steps):
