@@ -1,17 +1,29 @@
-"""The diffusion model: a class-conditional UNet and a DDPM (Ho et al. 2020).
+"""The diffusion model: a class-conditional UNet and EDM, the formulation of the official code.
 
-Notation follows Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models" (2020):
-  forward process  q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)            (eq. 4)
-  training loss    || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2   (eq. 14)
-  posterior        q(x_{t-1} | x_t, x_0), eq. 7: its coefficients, for the samplers
+EDM (Karras, Aittala, Aila & Laine, "Elucidating the Design Space of Diffusion-Based Generative
+Models", NeurIPS 2022), as DPDM and the official DP-FETA code train it:
+
+  noising         x = x0 + sigma n,  n ~ N(0, I)                        (eq. 1, variance exploding)
+  denoiser        D(x; sigma, y) = c_skip x + c_out F(c_in x, c_noise, y)                  (eq. 7)
+                  c_skip = sd^2 / (sigma^2 + sd^2),   c_out = sigma sd / sqrt(sigma^2 + sd^2),
+                  c_in = 1 / sqrt(sigma^2 + sd^2),    c_noise = log(sigma) / 4           (Table 1)
+  training sigma  log sigma ~ N(P_mean, P_std^2) = N(-1.2, 1.2^2)                        (Table 1)
+  loss            lambda(sigma) ||D(x0 + sigma n; sigma, y) - x0||^2,  lambda = 1 / c_out^2
+                                                                                   (eqs. 2 and 8)
+F is the UNet below; sd = sigma_data is sqrt(1/3), the official code's value (the standard
+deviation of pixels spread uniformly over [-1, 1]; Karras et al. use 0.5). Since
+lambda c_out^2 = 1, the loss is the plain squared error of F against the unit-variance target
+(x0 - c_skip x) / c_out (eq. 8): every noise level contributes on the same scale, which suits
+DP-SGD's clipping. The samplers (samplers.py) integrate the probability-flow ODE
+dx/dsigma = (x - D(x; sigma)) / sigma from sigma_max = 80 down to 0.
 Class conditioning uses classifier-free guidance (Ho & Salimans 2022): during training the label
 is replaced by a "null" label K with probability p_uncond; samplers.py combines the two
-predictions, and holds the samplers (ancestral, DDIM, DPM-Solver++(2M)).
+predictions.
 
 Everything is written for DP-SGD: the loss is per example (shape [B]) and the model never mixes
 examples of a batch (GroupNorm, not BatchNorm), so torch.func.vmap(grad(...)) over single examples
-works. Timestep indices t run 0..T-1 (Ho's t = 1..T). Images live in [-1, 1] here:
-to_model_range and to_uint8 convert to and from stored uint8 images.
+works. Images live in [-1, 1] here: to_model_range and to_uint8 convert to and from stored uint8
+images.
 """
 import copy
 import math
@@ -19,6 +31,65 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------
+# EDM
+# --------------------------------------------------------------------------------------------
+
+class EDM:
+    """The noise levels, the preconditioned denoiser D and the per-example loss of the module
+    docstring. num_classes is the number of real labels K; label K is the null label."""
+
+    def __init__(self, num_classes=10, sigma_data=math.sqrt(1 / 3), p_mean=-1.2, p_std=1.2,
+                 sigma_min=0.002, sigma_max=80.0):
+        self.num_classes, self.sigma_data = num_classes, sigma_data
+        self.p_mean, self.p_std = p_mean, p_std
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def preconditioning(self, sigma):
+        """(c_skip, c_out, c_in, c_noise) of Table 1 for noise levels sigma (any shape)."""
+        sd2 = self.sigma_data ** 2
+        root = (sigma ** 2 + sd2).sqrt()
+        return sd2 / root ** 2, sigma * self.sigma_data / root, 1 / root, sigma.log() / 4
+
+    def denoise(self, model, x, sigma, y):
+        """D(x; sigma, y) (eq. 7) for x [N, C, H, W], sigma [N] and labels y [N]."""
+        c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in self.preconditioning(sigma))
+        return c_skip * x + c_out * model(c_in * x, c_noise.reshape(-1), y)
+
+    def draw_inputs(self, y, num_draws, image_shape, generator, p_uncond=0.1):
+        """All the randomness of one training step, drawn outside vmap: y_in [B] (each label
+        replaced by the null label with probability p_uncond), sigma [B, K] (log-normal) and
+        noise [B, K, *image_shape], for K = num_draws draws, drawn on the generator's device
+        (one seed, the same draws anywhere) and moved to y's."""
+        if num_draws < 1:
+            raise ValueError(f"num_draws: must be >= 1, got {num_draws}")
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond: must be a probability in [0, 1], got {p_uncond}")
+        b, g_dev = y.shape[0], generator.device
+        drop = torch.rand(b, generator=generator, device=g_dev) < p_uncond
+        y_in = torch.where(drop.to(y.device), torch.full_like(y, self.num_classes), y)
+        log_sigma = torch.randn(b, num_draws, generator=generator, device=g_dev)
+        sigma = (self.p_mean + self.p_std * log_sigma).exp()
+        noise = torch.randn(b, num_draws, *image_shape, generator=generator, device=g_dev)
+        return y_in, sigma.to(y.device), noise.to(y.device)
+
+    def loss(self, model, x0, y_in, sigma, noise):
+        """Per-example loss (eq. 2 with eq. 8's weight), averaged over the K noise draws -> [B].
+
+        The K draws of an example are averaged before any clipping (DP-FETA's noise
+        multiplicity: they cost the privacy of one) and go through the model as one batch."""
+        b, k = sigma.shape
+        shape = x0.shape[1:]
+        sigma = sigma.reshape(b * k)
+        x0 = x0.unsqueeze(1).expand(b, k, *shape).reshape(b * k, *shape)
+        x = x0 + sigma.reshape(-1, 1, 1, 1) * noise.reshape(b * k, *shape)
+        c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in self.preconditioning(sigma))
+        out = model(c_in * x, c_noise.reshape(-1), y_in.unsqueeze(1).expand(b, k).reshape(b * k))
+        target = (x0 - c_skip * x) / c_out  # lambda ||D - x0||^2 = ||F - target||^2
+        per_draw = ((out - target) ** 2).mean(dim=(1, 2, 3))
+        return per_draw.reshape(b, k).mean(dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,11 +113,12 @@ class GroupNorm(nn.GroupNorm):
         return super().forward(x.float())
 
 
-def timestep_embedding(t, dim):
-    """Transformer-style sinusoidal embedding of integer timesteps t [B] -> [B, dim]."""
+def noise_embedding(c_noise, dim):
+    """Transformer-style sinusoidal embedding of the noise level c_noise [B] -> [B, dim] (the
+    official code's "positional" embedding of log(sigma) / 4)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None, :]
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=c_noise.device) / half)
+    angles = c_noise.float()[:, None] * freqs[None, :]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
@@ -106,7 +178,8 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, y): predicts the noise in x_t. y == num_classes is the null label.
+    """F(x, c_noise, y): EDM's network, preconditioned by diffusion.EDM. y == num_classes is the
+    null label.
 
     Levels run at image_size, image_size/2, ...; level i has base_width * channel_mults[i]
     channels and num_res_blocks residual blocks (attention inside those whose resolution is in
@@ -154,12 +227,12 @@ class UNet(nn.Module):
                 res *= 2
         self.norm_out = GroupNorm(_groups(ch), ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
-        # Zero output: the untrained model predicts eps = 0, a calm start (loss = 1).
+        # Zero output: the untrained denoiser is D = c_skip x, a calm start.
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, t, y):
-        emb = self.time_mlp(timestep_embedding(t, self.base_width)) + self.class_emb(y)
+    def forward(self, x, c_noise, y):
+        emb = self.time_mlp(noise_embedding(c_noise, self.base_width)) + self.class_emb(y)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
@@ -217,215 +290,6 @@ def to_uint8(x):
     if not x.is_floating_point():
         raise ValueError(f"x: must be a float tensor in [-1, 1], got {x.dtype}")
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-# --------------------------------------------------------------------------------------------
-# DDPM
-# --------------------------------------------------------------------------------------------
-
-def linear_betas(num_steps):
-    # Ho et al.: beta from 1e-4 to 0.02 over T = 1000. Scaled by 1000/T so that a shorter chain
-    # still ends in (nearly) pure noise; capped below 1 so that every alpha stays positive.
-    scale = 1000.0 / num_steps
-    betas = torch.linspace(1e-4 * scale, 0.02 * scale, num_steps, dtype=torch.float64)
-    return betas.clamp(max=0.999)
-
-
-def cosine_betas(num_steps, s=0.008):
-    # Nichol & Dhariwal 2021: abar(t) = cos^2((t/T + s)/(1 + s) * pi/2); betas capped at 0.999.
-    steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
-    abar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-    return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
-
-
-TIMESTEP_DISTS = ("uniform", "noisy", "lognormal")
-
-
-class DDPM:
-    """Noise schedule, forward noising and the per-example loss (the samplers: samplers.py).
-
-    num_classes is the number of real labels K; label K is the null label for guidance.
-    timestep_dist, the distribution of training timesteps (TIMESTEP_DISTS): "uniform" (Ho et
-    al.); "noisy": P(t) proportional to t + 1, which spends more of the (DP-noised) gradient
-    signal on noisy timesteps, where the coarse shape of the image is decided; "lognormal":
-    EDM's log-normal noise levels (Karras et al. 2022, used by DPDM), log sigma ~ N(-1.2, 1.2^2)
-    with sigma_t = sqrt((1 - abar_t) / abar_t), which favours low and middle noise levels.
-
-    Every coefficient the loss and the samplers use is computed once, below, as a float64 table
-    over t on the CPU. A step indexes the tables and moves the few values it needs to the data's
-    device, so the same DDPM serves a model on any device.
-    """
-
-    def __init__(self, num_steps=1000, schedule="linear", timestep_dist="uniform", num_classes=10):
-        if schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule: must be 'linear' or 'cosine', got {schedule!r}")
-        if timestep_dist not in TIMESTEP_DISTS:
-            raise ValueError(f"timestep_dist: must be one of {', '.join(TIMESTEP_DISTS)}, got "
-                             f"{timestep_dist!r}")
-        if num_steps < 1:
-            raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
-        self.num_steps, self.schedule, self.timestep_dist = num_steps, schedule, timestep_dist
-        self.num_classes = num_classes
-        self.betas = linear_betas(num_steps) if schedule == "linear" else cosine_betas(num_steps)
-        self.alphas_bar = torch.cumprod(1 - self.betas, dim=0)
-        # abar_{t-1}; before the first step nothing is noised yet: abar = 1
-        alphas_bar_prev = torch.cat([self.alphas_bar.new_ones(1), self.alphas_bar[:-1]])
-        # eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (the loss, x0_hat, DDIM)
-        self.sqrt_alphas_bar = self.alphas_bar.sqrt()
-        self.sqrt_one_minus_alphas_bar = (1 - self.alphas_bar).sqrt()
-        # eq. 7: q(x_{t-1} | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, beta_tilde_t I)
-        self.posterior_coef_x0 = alphas_bar_prev.sqrt() * self.betas / (1 - self.alphas_bar)
-        self.posterior_coef_xt = ((1 - self.betas).sqrt() * (1 - alphas_bar_prev)
-                                  / (1 - self.alphas_bar))
-        self.posterior_std = (self.betas * (1 - alphas_bar_prev) / (1 - self.alphas_bar)).sqrt()
-        # Probabilities of each training timestep (float64, summing to 1).
-        weights = torch.ones(num_steps, dtype=torch.float64)
-        if timestep_dist == "noisy":
-            weights = torch.arange(1, num_steps + 1, dtype=torch.float64)
-        if timestep_dist == "lognormal":
-            # Each t gets the normal's mass of log sigma between the midpoints to its neighbours
-            # (the tails go to the first and last t): EDM's continuous law on this schedule.
-            log_sigma = 0.5 * torch.log((1 - self.alphas_bar) / self.alphas_bar)
-            edges = torch.special.ndtr(((log_sigma[1:] + log_sigma[:-1]) / 2 + 1.2) / 1.2)
-            weights = torch.diff(edges, prepend=edges.new_zeros(1), append=edges.new_ones(1))
-        self.timestep_probs = weights / weights.sum()
-
-    @staticmethod
-    def _gather(table, t, like):
-        """table[t] for an index tensor t, in like's dtype and device, shaped to broadcast."""
-        values = table.to(like.device)[t].to(like.dtype)
-        return values.reshape(*t.shape, *([1] * (like.dim() - t.dim())))
-
-    def q_sample(self, x0, t, noise):
-        """Sample x_t ~ q(x_t | x_0) by eq. 4: sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
-
-        t has the leading shape of x0 (e.g. [B] for x0 [B,C,H,W], or [B,K] for [B,K,C,H,W])."""
-        return (self._gather(self.sqrt_alphas_bar, t, x0) * x0
-                + self._gather(self.sqrt_one_minus_alphas_bar, t, x0) * noise)
-
-    def draw_inputs(self, y, num_draws, image_shape, generator, p_uncond=0.1):
-        """All the randomness of one training step (Algorithm 1's t and eps), drawn outside vmap.
-
-        Returns y_in [B] (labels, each replaced by the null label with probability p_uncond),
-        t [B, K] timestep indices and noise [B, K, *image_shape] for K = num_draws draws. They are
-        drawn on the generator's device (one seed, the same draws anywhere), then moved to y's."""
-        if num_draws < 1:
-            raise ValueError(f"num_draws: must be >= 1, got {num_draws}")
-        if not 0.0 <= p_uncond <= 1.0:
-            raise ValueError(f"p_uncond: must be a probability in [0, 1], got {p_uncond}")
-        b = y.shape[0]
-        g_dev = generator.device
-        drop = torch.rand(b, generator=generator, device=g_dev) < p_uncond
-        y_in = torch.where(drop.to(y.device), torch.full_like(y, self.num_classes), y)
-        if self.timestep_dist == "uniform":
-            t = torch.randint(self.num_steps, (b, num_draws), generator=generator, device=g_dev)
-        else:
-            t = torch.multinomial(self.timestep_probs.to(g_dev), b * num_draws, replacement=True,
-                                  generator=generator).reshape(b, num_draws)
-        noise = torch.randn(b, num_draws, *image_shape, generator=generator, device=g_dev)
-        return y_in, t.to(y.device), noise.to(y.device)
-
-    def loss(self, model, x0, y_in, t, noise):
-        """Per-example simplified loss (eq. 14), averaged over the K noise draws -> [B].
-
-        Averaging inside the example (before any clipping) is DP-FETA's noise multiplicity: K
-        draws cost no extra privacy. The K draws go through the model as one batch of B*K."""
-        b, k = t.shape
-        x_t = self.q_sample(x0.unsqueeze(1), t, noise)                  # [B, K, C, H, W]
-        eps = model(x_t.reshape(b * k, *x0.shape[1:]), t.reshape(b * k),
-                    y_in.unsqueeze(1).expand(b, k).reshape(b * k))
-        per_draw = ((eps - noise.reshape(b * k, *x0.shape[1:])) ** 2).mean(dim=(1, 2, 3))
-        return per_draw.reshape(b, k).mean(dim=1)
-
-
-# --------------------------------------------------------------------------------------------
-# EDM
-# --------------------------------------------------------------------------------------------
-
-class EDM:
-    """The EDM formulation (Karras, Aittala, Aila & Laine, "Elucidating the Design Space of
-    Diffusion-Based Generative Models", 2022) as DPDM and the official DP-FETA code train it:
-
-      noising         x = x0 + sigma n,  n ~ N(0, I)                       (eq. 1, variance exploding)
-      denoiser        D(x; sigma, y) = c_skip x + c_out F(c_in x, c_noise, y)              (eq. 7)
-                      c_skip = sd^2 / (sigma^2 + sd^2),   c_out = sigma sd / sqrt(sigma^2 + sd^2),
-                      c_in = 1 / sqrt(sigma^2 + sd^2),    c_noise = log(sigma) / 4        (Table 1)
-      training sigma  log sigma ~ N(P_mean, P_std^2) = N(-1.2, 1.2^2)                    (Table 1)
-      loss            lambda(sigma) ||D(x0 + sigma n; sigma, y) - x0||^2,  lambda = 1 / c_out^2
-                                                                                   (eqs. 2 and 8)
-    F is the UNet; sd = sigma_data is sqrt(1/3), the official code's value (the standard
-    deviation of pixels spread uniformly over [-1, 1]; Karras et al. use 0.5). Since
-    lambda c_out^2 = 1, the loss is the plain squared error of F against the unit-variance target
-    (x0 - c_skip x) / c_out (eq. 8): every noise level contributes on the same scale, which
-    suits DP-SGD's clipping. The samplers (samplers.py) integrate the probability-flow ODE
-    dx/dsigma = (x - D(x; sigma)) / sigma from sigma_max = 80 down to sigma_min = 0.002.
-
-    The interface is DDPM's: draw_inputs, loss and num_classes (label K is the null label); the
-    noise level plays the part of DDPM's timestep index.
-    """
-
-    def __init__(self, num_classes=10, sigma_data=math.sqrt(1 / 3), p_mean=-1.2, p_std=1.2,
-                 sigma_min=0.002, sigma_max=80.0):
-        self.num_classes, self.sigma_data = num_classes, sigma_data
-        self.p_mean, self.p_std = p_mean, p_std
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max
-
-    def preconditioning(self, sigma):
-        """(c_skip, c_out, c_in, c_noise) of Table 1 for noise levels sigma (any shape)."""
-        sd2 = self.sigma_data ** 2
-        root = (sigma ** 2 + sd2).sqrt()
-        return sd2 / root ** 2, sigma * self.sigma_data / root, 1 / root, sigma.log() / 4
-
-    def denoise(self, model, x, sigma, y):
-        """D(x; sigma, y) (eq. 7) for x [N, C, H, W], sigma [N] and labels y [N]."""
-        c_skip, c_out, c_in, c_noise = (c.reshape(-1, *[1] * (x.dim() - 1)) if c.dim() else c
-                                        for c in self.preconditioning(sigma))
-        return c_skip * x + c_out * model(c_in * x, c_noise.reshape(-1), y)
-
-    def draw_inputs(self, y, num_draws, image_shape, generator, p_uncond=0.1):
-        """All the randomness of one training step, drawn outside vmap: y_in [B] (each label
-        replaced by the null label with probability p_uncond), sigma [B, K] (log-normal) and
-        noise [B, K, *image_shape], for K = num_draws draws, drawn on the generator's device
-        (one seed, the same draws anywhere) and moved to y's."""
-        if num_draws < 1:
-            raise ValueError(f"num_draws: must be >= 1, got {num_draws}")
-        if not 0.0 <= p_uncond <= 1.0:
-            raise ValueError(f"p_uncond: must be a probability in [0, 1], got {p_uncond}")
-        b, g_dev = y.shape[0], generator.device
-        drop = torch.rand(b, generator=generator, device=g_dev) < p_uncond
-        y_in = torch.where(drop.to(y.device), torch.full_like(y, self.num_classes), y)
-        log_sigma = torch.randn(b, num_draws, generator=generator, device=g_dev)
-        sigma = (self.p_mean + self.p_std * log_sigma).exp()
-        noise = torch.randn(b, num_draws, *image_shape, generator=generator, device=g_dev)
-        return y_in, sigma.to(y.device), noise.to(y.device)
-
-    def loss(self, model, x0, y_in, sigma, noise):
-        """Per-example loss (eq. 2 with eq. 8's weight), averaged over the K noise draws -> [B].
-
-        The K draws of an example are averaged before any clipping (DP-FETA's noise
-        multiplicity: they cost the privacy of one) and go through the model as one batch."""
-        b, k = sigma.shape
-        shape = x0.shape[1:]
-        sigma = sigma.reshape(b * k)
-        x0 = x0.unsqueeze(1).expand(b, k, *shape).reshape(b * k, *shape)
-        x = x0 + sigma.reshape(-1, 1, 1, 1) * noise.reshape(b * k, *shape)
-        c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in self.preconditioning(sigma))
-        out = model(c_in * x, c_noise.reshape(-1), y_in.unsqueeze(1).expand(b, k).reshape(b * k))
-        target = (x0 - c_skip * x) / c_out  # lambda ||D - x0||^2 = ||F - target||^2
-        per_draw = ((out - target) ** 2).mean(dim=(1, 2, 3))
-        return per_draw.reshape(b, k).mean(dim=1)
-
-
-FORMULATIONS = ("edm", "ddpm")
-
-
-def make_diffusion(formulation, num_classes, timestep_dist="uniform"):
-    """The diffusion process a run trains and samples with (timestep_dist: DDPM only)."""
-    if formulation == "edm":
-        return EDM(num_classes=num_classes)
-    if formulation == "ddpm":
-        return DDPM(timestep_dist=timestep_dist, num_classes=num_classes)
-    raise ValueError(f"formulation: must be one of {', '.join(FORMULATIONS)}, got {formulation!r}")
 
 
 # --------------------------------------------------------------------------------------------

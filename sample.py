@@ -81,12 +81,12 @@ def main(argv=None):
                                           if getattr(args, name) is not None})
         flags.check_settings(cfg)  # the sampler settings together (heun needs EDM)
         model = model.to(device)
-        ddpm = diffusion.make_diffusion(cfg.formulation, data.INFO[cfg.dataset]["classes"])
+        edm = diffusion.EDM(data.INFO[cfg.dataset]["classes"])
         generator = torch.Generator(device).manual_seed(
             secrets.randbits(63) if args.seed is None else args.seed)
         images, labels = [], []
         for batch_images, batch_labels in samplers.sample_uniform(
-                ddpm, model, args.n, generator, **samplers.settings_of(cfg)):
+                edm, model, args.n, generator, **samplers.settings_of(cfg)):
             images.append(batch_images)
             labels.append(batch_labels)
             print(f"sampled {sum(map(len, labels))}/{args.n}", flush=True)

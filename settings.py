@@ -27,18 +27,16 @@ class Config:
     frequency_steps: int = 2340    # warm-up steps on the generator's images (--frequency)
     dpsgd: bool = True             # the hard stage; --no-dpsgd releases the warmed-up model
     model: str = "paper"           # UNet size: paper or small (diffusion.MODEL_SIZES)
-    formulation: str = "edm"       # diffusion formulation: edm (Karras et al., the official code's) or ddpm
     batch: int = 4096              # expected (Poisson) batch size of DP-SGD: q = batch / N
     epochs: float = 150.0          # DP-SGD epochs: steps = epochs * N / batch
-    timesteps: str = "uniform"     # training t: uniform (DDPM), noisy (P(t) ~ t) or lognormal (EDM)
     noise_draws: int = 32          # diffusion noise draws K per example, averaged before clipping
     lr: float = 3e-4               # Adam learning rate (warm-up and DP-SGD)
     clip: float = 1.0              # per-example gradient clipping norm C
     ema: float = 0.999             # EMA decay of the weights during DP-SGD
     chunk: int = 256               # examples per per-example-gradient pass (a GPU may use fewer)
     autocast: bool = False         # bf16 network in DP-SGD and sampling (clipping and noise: fp64)
-    sample_steps: int = 1000       # sampler steps (DDPM only: 0 for the 1000-step ancestral one)
-    solver: str = "heun"           # sampler: ddim (Euler), dpm2m (DPM-Solver++(2M)) or heun (EDM only)
+    sample_steps: int = 1000       # sampler steps (noise levels)
+    solver: str = "heun"           # sampler: heun, dpm2m (DPM-Solver++(2M)) or ddim (Euler)
     churn: float = 10.0            # heun's S_churn: noise re-added while sampling (0: deterministic)
     guidance: float = 0.0          # classifier-free guidance weight w (0: plain conditional model)
     n_samples: int = 60000         # synthetic images to generate (uniformly random labels)
@@ -63,7 +61,7 @@ PAPER = Config()
 CPU_HAS_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 CPU = dataclasses.replace(PAPER, model="small", warmup_steps=1200, batch=1024, epochs=3.5,
                           clip=0.1, noise_draws=1, chunk=64, autocast=CPU_HAS_BF16, lr=1e-3,
-                          ema=0.97, formulation="ddpm", solver="dpm2m", sample_steps=15, churn=0.0,
+                          ema=0.97, solver="dpm2m", sample_steps=15, churn=0.0,
                           guidance=0.0, generator_steps=1000, frequency_steps=1200,
                           n_samples=10000, fid_n=1000, classifier_epochs=10, classifier_lr=1e-3)
 # Every stage in about a minute (the tests): 12 warm-up steps, 12 DP-SGD steps at expected
@@ -76,11 +74,21 @@ TINY = dataclasses.replace(CPU, central_queries=2, warmup_steps=12, warmup_batch
 PRESETS = {"paper": PAPER, "cpu": CPU, "tiny": TINY}
 
 
-# Settings added after earlier runs were made, with the value those runs had: a saved Config
-# without them (a checkpoint, a report) was made so.
-ADDED_LATER = dict(formulation="ddpm", churn=0.0, frequency=False)
+# Settings that went away with the DDPM formulation, which earlier versions trained: a saved
+# Config (a checkpoint, a report) may still hold them.
+REMOVED = ("formulation", "timesteps")
+
+
+class DDPMRun(ValueError):
+    """A run trained with the DDPM formulation of an earlier version."""
 
 
 def saved_config(saved):
-    """The Config of a checkpoint's or report's settings (a dict); TypeError if it is none."""
-    return Config(**{**ADDED_LATER, **saved})
+    """The Config of a checkpoint's or report's settings (a dict); TypeError if it is none.
+    A run trained with the DDPM formulation of earlier versions cannot be continued or sampled
+    (one-line ValueError): those made before EDM came have no "churn" setting, those made while
+    both were there name theirs in "formulation"."""
+    if saved.get("formulation", "edm" if "churn" in saved else "ddpm") != "edm":
+        raise DDPMRun("the run was trained with the DDPM formulation of an earlier version; "
+                         "this version trains and samples EDM only (start a new run)")
+    return Config(**{k: v for k, v in saved.items() if k not in REMOVED})

@@ -98,7 +98,7 @@ def release_central_images(sensitive_images, sensitive_labels, cfg, secret):
                                   generator=secret)
 
 
-def warm_up(model, optimizer, central_images, central_labels, cfg, ddpm, public, first_step,
+def warm_up(model, optimizer, central_images, central_labels, cfg, edm, public, first_step,
             progress):
     """Easy stage, learning: the diffusion loss on freshly augmented central images. It reads
     only the release, so it is post-processing and costs no privacy; it draws from the public
@@ -110,8 +110,8 @@ def warm_up(model, optimizer, central_images, central_labels, cfg, ddpm, public,
                              device=public.device).to(device)
         augmented = central.augment(pool_images[pick], public)
         x0 = diffusion.to_model_range(augmented)
-        y_in, t, noise = ddpm.draw_inputs(pool_labels[pick], 1, x0.shape[1:], public)
-        loss = ddpm.loss(model, x0, y_in, t, noise).mean()
+        y_in, sigma, noise = edm.draw_inputs(pool_labels[pick], 1, x0.shape[1:], public)
+        loss = edm.loss(model, x0, y_in, sigma, noise).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,7 +126,7 @@ def release_frequency_features(sensitive_images, sensitive_labels, cfg, secret, 
                              cfg.frequency_sigma, seed, secret)
 
 
-def warm_up_on_features(model, optimizer, image_generator, cfg, ddpm, public, first_step,
+def warm_up_on_features(model, optimizer, image_generator, cfg, edm, public, first_step,
                         progress):
     """FETA-Pro's frequency stage, learning: the diffusion loss on fresh images of the generator
     fitted to the released features, no augmentation. Post-processing, like the first warm-up;
@@ -135,15 +135,15 @@ def warm_up_on_features(model, optimizer, image_generator, cfg, ddpm, public, fi
         with torch.no_grad():
             images, labels = image_generator.draw(cfg.warmup_batch, public)
         x0 = diffusion.to_model_range(images.clamp(0, 1))
-        y_in, t, noise = ddpm.draw_inputs(labels, 1, x0.shape[1:], public)
-        loss = ddpm.loss(model, x0, y_in, t, noise).mean()
+        y_in, sigma, noise = edm.draw_inputs(labels, 1, x0.shape[1:], public)
+        loss = edm.loss(model, x0, y_in, sigma, noise).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         progress(step + 1, f" | loss {loss.item():.4f}")
 
 
-def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, plan, ddpm,
+def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, plan, edm,
                 secret, ledger, first_step, progress, team, chunk):
     """Hard stage: DP-SGD on the sensitive images (dpsgd.py), one ledger entry per step. Given
     the sensitive set; every draw (Poisson sample, diffusion noise, Gaussian noise) comes from
@@ -159,12 +159,12 @@ def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, 
         # Drawn for the whole sample on every process (on the CPU), which keeps the secret
         # generators in step; this process uses positions rank, rank + N, ... of it. A share
         # may be empty: the process still takes part in the step.
-        y_in, t, noise = ddpm.draw_inputs(sensitive_labels[batch], cfg.noise_draws,
-                                          x_all.shape[1:], secret)
+        y_in, noise_level, noise = edm.draw_inputs(sensitive_labels[batch], cfg.noise_draws,
+                                                   x_all.shape[1:], secret)
         share = team.share
         x0 = x_all[batch[share].to(device)]
-        inputs = (x0, *(v[share].to(device) for v in (y_in, t, noise)))
-        dpsgd.dp_step(model, optimizer, ddpm.loss, inputs, clip_norm=cfg.clip,
+        inputs = (x0, *(v[share].to(device) for v in (y_in, noise_level, noise)))
+        dpsgd.dp_step(model, optimizer, edm.loss, inputs, clip_norm=cfg.clip,
                       sigma=sigma, expected_batch_size=q * n, noise_generator=secret,
                       chunk_size=chunk, autocast=cfg.autocast,
                       sum_over_processes=team.sum_over_processes)
@@ -176,14 +176,14 @@ def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, 
     team.check_same_weights(model)
 
 
-def synthesize(model, cfg, ddpm, public, pieces, progress):
+def synthesize(model, cfg, edm, public, pieces, progress):
     """cfg.n_samples images with uniformly random labels from the (EMA) model, drawn by the one
     sampling loop (samplers.sample_uniform) and appended batch by batch to `pieces`
     [(uint8 images, labels)], with a progress call (a checkpoint, a stop) after each batch: a
     resumed run continues the loop where it stopped. Post-processing of the trained weights;
     it draws from the public generator."""
     done = sum(len(labels) for _, labels in pieces)
-    for images, labels in samplers.sample_uniform(ddpm, model, cfg.n_samples - done, public,
+    for images, labels in samplers.sample_uniform(edm, model, cfg.n_samples - done, public,
                                                   **samplers.settings_of(cfg)):
         pieces.append((images, labels))
         done += len(labels)
@@ -211,10 +211,10 @@ def evaluate_release(images, labels, cfg, real_data, device, weights, fid_cache,
     return metrics
 
 
-def sample_grid(model, cfg, ddpm, public):
+def sample_grid(model, cfg, edm, public):
     """Ten samples per class, one row per class."""
     labels = torch.arange(data.INFO[cfg.dataset]["classes"], device=public.device)
-    return samplers.sample(ddpm, model, labels.repeat_interleave(10), public,
+    return samplers.sample(edm, model, labels.repeat_interleave(10), public,
                            **samplers.settings_of(cfg))
 
 
@@ -231,8 +231,7 @@ def new_run(cfg, plan, folder, device, seed):
     secret = randomness.secret_generator(seed)
     public = torch.Generator(device).manual_seed(
         secrets.randbits(63) if seed is None else (seed + 1) % 2 ** 64)
-    return runs.Run(folder, cfg, plan, device, model,
-                    diffusion.make_diffusion(cfg.formulation, info["classes"], cfg.timesteps),
+    return runs.Run(folder, cfg, plan, device, model, diffusion.EDM(info["classes"]),
                     *fresh_optimizer_and_ema(model, cfg), secret, public, seed is not None,
                     accountant.PrivacyLedger(cfg.delta))
 
@@ -272,9 +271,9 @@ def train(run, sensitive_images, sensitive_labels):
     def warm():
         if cfg.central and cfg.warmup_steps:
             # Post-processing and cheap: every process runs the same steps from the same state.
-            warm_up(run.model, run.optimizer, *run.central, cfg, run.ddpm, run.public, run.step,
+            warm_up(run.model, run.optimizer, *run.central, cfg, run.edm, run.public, run.step,
                     run.progress(cfg.warmup_steps))
-            run.save_grid(sample_grid(run.model, cfg, run.ddpm, run.public),
+            run.save_grid(sample_grid(run.model, cfg, run.edm, run.public),
                           "warmup_samples.png", nrow=10)
 
     def warm_on_features():
@@ -288,9 +287,9 @@ def train(run, sensitive_images, sensitive_labels):
             fixed_labels = torch.arange(info["classes"]).repeat_interleave(10)
             run.save_grid(image_generator.draw(len(fixed_labels), torch.Generator().manual_seed(0),
                                                fixed_labels)[0], "feature_samples.png", nrow=10)
-            warm_up_on_features(run.model, run.optimizer, image_generator, cfg, run.ddpm,
+            warm_up_on_features(run.model, run.optimizer, image_generator, cfg, run.edm,
                                 run.public, run.step, run.progress(cfg.frequency_steps))
-            run.save_grid(sample_grid(run.model, cfg, run.ddpm, run.public),
+            run.save_grid(sample_grid(run.model, cfg, run.edm, run.public),
                           "warmup_samples.png", nrow=10)
         # DP-SGD starts from the raw warmed-up weights, with a fresh optimizer and EMA; every
         # process from rank 0's weights and generator states (it alone drew the releases).
@@ -300,11 +299,11 @@ def train(run, sensitive_images, sensitive_labels):
     def dp_sgd():
         # With --no-dpsgd the EMA, fresh from the warmed-up weights, is what gets sampled.
         if cfg.dpsgd:
-            chunk = launch.dpsgd_chunk(run.model, run.ddpm, cfg, sensitive_images.shape[1:])
+            chunk = launch.dpsgd_chunk(run.model, run.edm, cfg, sensitive_images.shape[1:])
             # Nothing is shown or written inside a block of DP-SGD steps, and a stop waits for
             # the block's end (runs.Progress): a step's time grows with its secret batch size.
             train_dpsgd(run.model, run.optimizer, run.ema, sensitive_images, sensitive_labels,
-                        cfg, run.plan["dpsgd"], run.ddpm, run.secret, run.ledger, run.step,
+                        cfg, run.plan["dpsgd"], run.edm, run.secret, run.ledger, run.step,
                         run.progress(run.plan["dpsgd"]["steps"], runs.DPSGD_BLOCK), run.team,
                         chunk)
 
@@ -321,11 +320,11 @@ def post_process(run):
     cfg = run.cfg
 
     def synthesis():
-        synthesize(run.ema.model, cfg, run.ddpm, run.public, run.pieces,
+        synthesize(run.ema.model, cfg, run.edm, run.public, run.pieces,
                    run.progress(cfg.n_samples))
         evaluate.save_samples(run.path("samples.npz"), torch.cat([p[0] for p in run.pieces]),
                               torch.cat([p[1] for p in run.pieces]))
-        run.save_grid(sample_grid(run.ema.model, cfg, run.ddpm, run.public), "samples.png",
+        run.save_grid(sample_grid(run.ema.model, cfg, run.edm, run.public), "samples.png",
                       nrow=10)
         data.save_side_by_side([("central images", run.path("central_images.png")),
                                 ("frequency generator", run.path("feature_samples.png")),

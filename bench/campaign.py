@@ -58,51 +58,24 @@ import train  # noqa: E402
 # The settings of the easy stage: a variant that keeps them all can branch from the trunk.
 EASY_STAGE = ("dataset", "delta", "central", "central_q", "central_sigma", "central_queries",
               "frequency", "frequency_sigma", "generator_steps", "frequency_steps",
-              "warmup_steps", "warmup_batch", "model", "formulation", "lr", "train_subset")
+              "warmup_steps", "warmup_batch", "model", "lr", "train_subset")
 
 
 def post(run, tag, **sampling):
     return dict(id=f"{run}/{tag}", kind="post", run=run, **sampling)
 
 
-# The DDPM campaign (rows of 2026-12-04/05, all done): the first preset and its levers. Every
-# job names all the flags it changes from the first preset (C = 1, guidance 1, 2,000 images;
-# job base-s<seed>), so a job means the same whatever the preset is now. Its queued C = 1
-# variants that never ran (EMA 0.99, batch 2048 and 512) were dropped: C = 0.1 replaced C = 1.
-BASE = ["--formulation", "ddpm", "--clip", "1", "--guidance", "1", "--n-samples", "2000"]
-G0 = ["--formulation", "ddpm", "--clip", "1", "--guidance", "0", "--n-samples", "10000"]
-C01 = ["--formulation", "ddpm", "--clip", "0.1", "--guidance", "0", "--n-samples", "10000"]
-DDPM_TRUNK = ["--formulation", "ddpm"]
-DDPM_JOBS = [
-    dict(id="trunk-s0", kind="trunk", seed=0, flags=DDPM_TRUNK),
-    dict(id="base-s0", kind="train", seed=0, flags=BASE),
-    post("base-s0", "g0-n10k", guidance=0.0, n=10000),
-    dict(id="noisy-g0-s0", kind="train", seed=0, flags=[*G0, "--timesteps", "noisy"]),
-    dict(id="clip0.1-g0-s0", kind="train", seed=0, flags=C01),
-    dict(id="lognormal-g0-s0", kind="train", seed=0, flags=[*G0, "--timesteps", "lognormal"]),
-    *[job for seed in (1, 2) for job in (
-        dict(id=f"trunk-s{seed}", kind="trunk", seed=seed, flags=DDPM_TRUNK),
-        dict(id=f"base-s{seed}", kind="train", seed=seed, flags=BASE),
-        post(f"base-s{seed}", "g0-n10k", guidance=0.0, n=10000),
-        dict(id=f"clip0.1-g0-s{seed}", kind="train", seed=seed, flags=C01))],
-    post("clip0.1-g0-s0", "g1-n10k", guidance=1.0, n=10000),
-    post("clip0.1-g0-s0", "g0.5-n10k", guidance=0.5, n=10000),
-    post("clip0.1-g0-s0", "g0-n2k", guidance=0.0, n=2000),
-    dict(id="clip0.1-no-central-g0-s0", kind="train", seed=0, flags=[*C01, "--no-central"]),
-    dict(id="clip0.1-eps10-g0-s0", kind="train", seed=0, flags=[*C01, "--eps", "10"]),
-    post("base-s0", "g0.5-n10k", guidance=0.5, n=10000),
-    post("clip0.1-g0-s0", "own-c30", guidance=0.0, n=10000, classifier_epochs=30,
-         own_samples=True),
-    post("clip0.1-g0-s0", "g0-n20k", guidance=0.0, n=20000),
-]
+# The DDPM campaign (the first preset, C = 0.1, guidance, images, timestep laws: rows trunk-s*,
+# base-s*, clip0.1-*, noisy-*, lognormal-*) ran this script at commits 3918f92 to 5148078, with
+# the DDPM formulation that EDM replaced; its jobs cannot run at this version.
 
 # The EDM campaign (issue: the paper's diffusion model and the levers not yet tried). EDM is
 # the DDPM preset (C = 0.1, guidance 0, 10,000 images, DPM-Solver++(2M) in 15 steps) with the
 # official code's formulation, paired by seed with clip0.1-g0-s<seed>. Its levers are paired
 # with edm-s0 (each branches from trunk-edm-s0 unless it changes the easy stage): cheapest
 # first, the DP-SGD-only ones; then those that need their own warm-up.
-EDM = ["--formulation", "edm", "--clip", "0.1", "--guidance", "0", "--n-samples", "10000",
-       "--solver", "dpm2m", "--sample-steps", "15", "--churn", "0"]
+EDM = ["--clip", "0.1", "--guidance", "0", "--n-samples", "10000", "--solver", "dpm2m",
+       "--sample-steps", "15", "--churn", "0"]
 
 
 def edm_trunk(seed, tag="", flags=()):
@@ -144,7 +117,7 @@ FREQUENCY = [*EDM, "--frequency"]
 FREQUENCY_JOBS = [job for seed in (0, 1, 2) for job in (
     dict(id=f"trunk-freq-s{seed}", kind="trunk", seed=seed, flags=FREQUENCY),
     dict(id=f"freq-s{seed}", kind="train", seed=seed, flags=FREQUENCY))]
-JOBS = DDPM_JOBS + EDM_JOBS + FREQUENCY_JOBS
+JOBS = EDM_JOBS + FREQUENCY_JOBS
 
 
 # bf16 autocast only where the CPU has bf16 kernels (AVX-512 or AMX): on an AVX2 CPU it is
@@ -276,7 +249,7 @@ def do_post(job, args):
     if not os.path.exists(os.path.join(folder, runs.CHECKPOINT)):
         do_train(next(j for j in JOBS if j["id"] == job["run"]), args)  # lost: trained again
     cfg, model = sample.load_trained_model(folder)
-    ddpm = diffusion.make_diffusion(cfg.formulation, data.INFO[cfg.dataset]["classes"])
+    edm = diffusion.EDM(data.INFO[cfg.dataset]["classes"])
     how = dataclasses.replace(cfg, guidance=job["guidance"],
                               sample_steps=job.get("steps", cfg.sample_steps),
                               solver=job.get("solver", cfg.solver),
@@ -291,7 +264,7 @@ def do_post(job, args):
         raise RuntimeError(f"{kept}: the run has not drawn its samples yet")
     else:
         generator = torch.Generator().manual_seed(job.get("sample_seed", 0))
-        batches = list(samplers.sample_uniform(ddpm, model, job["n"], generator,
+        batches = list(samplers.sample_uniform(edm, model, job["n"], generator,
                                                **samplers.settings_of(how)))
         images, labels = (torch.cat(parts) for parts in zip(*batches))
         timings["s_synthesize"] = round(time.time() - started, 1)

@@ -2,7 +2,7 @@
 
 Train a UNet non-privately on real MNIST for a fixed wall-clock time, sample images with given
 labels, save a PNG grid, and let a CNN trained on real MNIST label the samples. If the model,
-schedule and sampler are right, the predicted label is the generated one for >= 90 % of samples.
+loss and sampler are right, the predicted label is the generated one for >= 90 % of samples.
 
     .venv/bin/python bench/diffusion_sanity.py                 # the full run: 10 minutes training
     .venv/bin/python bench/diffusion_sanity.py --minutes 1     # a smoke run
@@ -29,8 +29,7 @@ import samplers  # noqa: E402
 
 def train_diffusion(images, labels, args, generator):
     model = diffusion.make_unet(args.model, 1, 28, 10)
-    ddpm = (diffusion.EDM() if args.formulation == "edm" else
-            diffusion.DDPM(args.num_steps, args.schedule, args.timestep_dist))
+    edm = diffusion.EDM()
     ema = diffusion.EMA(model, args.ema)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     limits = [f"{args.minutes} min"] if args.minutes < float("inf") else []
@@ -42,9 +41,9 @@ def train_diffusion(images, labels, args, generator):
     started, step, seen, running = time.time(), 0, 0, None
     while time.time() - started < 60 * args.minutes and step < (args.max_steps or float("inf")):
         idx = torch.randint(len(x_all), (args.batch,), generator=generator)
-        y_in, t, noise = ddpm.draw_inputs(labels[idx], 1, (1, 28, 28), generator)
+        y_in, sigma, noise = edm.draw_inputs(labels[idx], 1, (1, 28, 28), generator)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast):
-            loss = ddpm.loss(model, x_all[idx], y_in, t, noise).mean()
+            loss = edm.loss(model, x_all[idx], y_in, sigma, noise).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -57,7 +56,7 @@ def train_diffusion(images, labels, args, generator):
     elapsed = time.time() - started
     print(f"trained {step} steps ({seen} images, {seen / len(x_all):.2f} epochs) in "
           f"{elapsed:.0f} s: {seen / elapsed:.0f} img/s forward+backward; final loss {running:.4f}")
-    return ema.model, ddpm, dict(steps=step, images=seen, seconds=elapsed, final_loss=running)
+    return ema.model, edm, dict(steps=step, images=seen, seconds=elapsed, final_loss=running)
 
 
 def train_classifier(images, labels, test_images, test_labels, minutes, generator):
@@ -94,14 +93,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema", type=float, default=0.995,
                         help="EMA decay (short run: 0.999 would still remember the init)")
-    parser.add_argument("--formulation", default="edm", choices=diffusion.FORMULATIONS)
     parser.add_argument("--solver", default="heun", choices=samplers.SOLVERS)
-    parser.add_argument("--num-steps", type=int, default=1000, help="DDPM's diffusion steps T")
-    parser.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
-    parser.add_argument("--timestep-dist", default="uniform", choices=["uniform", "noisy"])
     parser.add_argument("--n", type=int, default=1000, help="samples, 10 classes in turn")
-    parser.add_argument("--sample-steps", type=int, default=18,
-                        help="sampler steps (0: DDPM's ancestral)")
+    parser.add_argument("--sample-steps", type=int, default=18, help="sampler steps")
     parser.add_argument("--guidance", type=float, default=2.0,
                         help="classifier-free guidance weight w (0: plain conditional)")
     parser.add_argument("--classifier-minutes", type=float, default=1.0)
@@ -116,15 +110,15 @@ def main(argv=None):
     images, labels = data.load("mnist", "train", args.data_dir)
     test_images, test_labels = data.load("mnist", "test", args.data_dir)
 
-    model, ddpm, training = train_diffusion(images, labels, args, generator)
+    model, edm, training = train_diffusion(images, labels, args, generator)
 
     sample_labels = torch.arange(10).repeat(args.n // 10 + 1)[:args.n]  # rows of 0..9 in the grid
     started = time.time()
-    samples = samplers.sample(ddpm, model, sample_labels, generator,
-                              steps=args.sample_steps or None, guidance=args.guidance,
+    samples = samplers.sample(edm, model, sample_labels, generator,
+                              steps=args.sample_steps, guidance=args.guidance,
                               batch_size=50, solver=args.solver)
     sample_seconds = time.time() - started
-    print(f"sampled {args.n} images ({args.sample_steps or args.num_steps} steps, guidance "
+    print(f"sampled {args.n} images ({args.sample_steps} steps, guidance "
           f"{args.guidance}) in {sample_seconds:.0f} s: {args.n / sample_seconds:.1f} img/s")
     os.makedirs(args.out, exist_ok=True)
     data.save_grid(samples[:100], os.path.join(args.out, "samples.png"), nrow=10)

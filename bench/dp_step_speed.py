@@ -43,12 +43,12 @@ def setup(batch, draws, seed=0):
     model = diffusion.make_unet("small", 1, 28, 10)
     # As after the warm-up: the zero-initialised output layer would make every other gradient 0.
     torch.nn.init.normal_(model.conv_out.weight, std=0.02)
-    ddpm = diffusion.DDPM()
+    edm = diffusion.EDM()
     g = torch.Generator().manual_seed(seed)
     x0 = torch.rand(batch, 1, 28, 28, generator=g) * 2 - 1
-    y_in, t, noise = ddpm.draw_inputs(torch.randint(0, 10, (batch,), generator=g), draws,
-                                      (1, 28, 28), g)
-    return model, ddpm, (x0, y_in, t, noise)
+    labels = torch.randint(0, 10, (batch,), generator=g)
+    y_in, sigma_draws, noise = edm.draw_inputs(labels, draws, (1, 28, 28), g)
+    return model, edm, (x0, y_in, sigma_draws, noise)
 
 
 def plain_step(model, optimizer, loss_fn, tensors, chunk, autocast):
@@ -67,16 +67,16 @@ def time_speed(args):
     timed round-robin in one process on one model, so machine load hits all alike. Returns
     (DP's best over plain's best, DP over plain in float32 at --chunk), each the median of the
     per-round ratios."""
-    model, ddpm, tensors = setup(args.batch, args.draws)
+    model, edm, tensors = setup(args.batch, args.draws)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     noise_gen = torch.Generator().manual_seed(1)
     n = len(tensors[0])
 
     def plain(chunk, autocast):
-        return lambda batch: plain_step(model, optimizer, ddpm.loss, batch, chunk, autocast)
+        return lambda batch: plain_step(model, optimizer, edm.loss, batch, chunk, autocast)
 
     def dp(chunk, autocast):
-        return lambda batch: dpsgd.dp_step(model, optimizer, ddpm.loss, batch, clip_norm=1.0,
+        return lambda batch: dpsgd.dp_step(model, optimizer, edm.loss, batch, clip_norm=1.0,
                                            sigma=1.0, expected_batch_size=n,
                                            noise_generator=noise_gen, chunk_size=chunk,
                                            autocast=autocast)
@@ -116,11 +116,11 @@ def rss_mib():
 
 def memory_child(args):
     """One DP step at logical batch args.memory_child; prints JSON with the peak RSS growth."""
-    model, ddpm, tensors = setup(args.memory_child, args.draws)
+    model, edm, tensors = setup(args.memory_child, args.draws)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     before = rss_mib()
     started = time.perf_counter()
-    dpsgd.dp_step(model, optimizer, ddpm.loss, tensors, clip_norm=1.0, sigma=1.0,
+    dpsgd.dp_step(model, optimizer, edm.loss, tensors, clip_norm=1.0, sigma=1.0,
                   expected_batch_size=args.memory_child, noise_generator=torch.Generator(),
                   chunk_size=args.chunk)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -144,11 +144,11 @@ def measure_memory(args, batch):
 def profile(args):
     """torch.profiler tables of one plain and one DP step at --chunk (bf16 with --autocast)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    model, ddpm, tensors = setup(args.batch, args.draws)
+    model, edm, tensors = setup(args.batch, args.draws)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
-    steps = {"plain": lambda: plain_step(model, optimizer, ddpm.loss, tensors, args.chunk,
+    steps = {"plain": lambda: plain_step(model, optimizer, edm.loss, tensors, args.chunk,
                                          args.autocast),
-             "dp": lambda: dpsgd.dp_step(model, optimizer, ddpm.loss, tensors, 1.0, 1.0,
+             "dp": lambda: dpsgd.dp_step(model, optimizer, edm.loss, tensors, 1.0, 1.0,
                                          args.batch, torch.Generator(), args.chunk, args.autocast)}
     for name, step in steps.items():
         step()

@@ -15,6 +15,7 @@ to choose settings with, never part of a release.
 """
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
@@ -31,20 +32,20 @@ import settings  # noqa: E402
 import train  # noqa: E402
 
 
-def per_example_gradients(model, ddpm, images, labels, noise_draws, generator):
+def per_example_gradients(model, edm, images, labels, noise_draws, generator):
     """[n, P] float64: each example's gradient of the diffusion loss, flattened."""
-    y_in, t, noise = ddpm.draw_inputs(labels, noise_draws, images.shape[1:], generator)
+    y_in, sigma, noise = edm.draw_inputs(labels, noise_draws, images.shape[1:], generator)
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def loss_of_one(params, *example):  # one example, given back its batch dimension
-        return ddpm.loss(lambda *a: functional_call(model, params, a),
+        return edm.loss(lambda *a: functional_call(model, params, a),
                          *(v.unsqueeze(0) for v in example)).sum()
 
     grad_fn = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0, 0))
-    chunks = [grad_fn(params, *(v[s:s + 64] for v in (images, y_in, t, noise)))
+    chunks = [grad_fn(params, *(v[s:s + 64] for v in (images, y_in, sigma, noise)))
               for s in range(0, len(images), 64)]
     grads = {name: torch.cat([chunk[name] for chunk in chunks]) for name in params}
-    return torch.cat([g.reshape(len(images), -1).double() for g in grads.values()], 1), t
+    return torch.cat([g.reshape(len(images), -1).double() for g in grads.values()], 1), sigma
 
 
 def signal_norm(clipped):
@@ -61,8 +62,6 @@ def main():
     p.add_argument("--data-dir")
     p.add_argument("--n", type=int, default=256, help="training images to measure on")
     p.add_argument("--clips", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5, 1.0])
-    p.add_argument("--timesteps", choices=diffusion.TIMESTEP_DISTS,
-                   help="timestep law (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     state = runs.load_checkpoint(args.run)
@@ -75,23 +74,18 @@ def main():
     plan = train.privacy_plan(dataclasses.replace(cfg, dpsgd=True), len(images))["dpsgd"]
     generator = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(len(images), generator=generator)[:args.n]
-    process = diffusion.make_diffusion(cfg.formulation, info["classes"],
-                                       args.timesteps or cfg.timesteps)
-    grads, t = per_example_gradients(model, process, diffusion.to_model_range(images[pick]),
-                                     labels[pick], cfg.noise_draws, generator)
-    norms, t = grads.norm(dim=1), t.float().mean(1)
-    edm = cfg.formulation == "edm"  # its noise level is sigma, DDPM's a timestep index
-    print(f"{args.run}: {args.n} examples, {cfg.formulation}"
-          f"{'' if edm else ', timesteps ' + process.timestep_dist}, K = {cfg.noise_draws}, "
-          f"sigma {plan['sigma']:.3f} at expected batch {cfg.batch}")
+    edm = diffusion.EDM(info["classes"])
+    grads, sigma = per_example_gradients(model, edm, diffusion.to_model_range(images[pick]),
+                                         labels[pick], cfg.noise_draws, generator)
+    norms, sigma = grads.norm(dim=1), sigma.float().mean(1)
+    print(f"{args.run}: {args.n} examples, K = {cfg.noise_draws}, DP-SGD's sigma "
+          f"{plan['sigma']:.3f} at expected batch {cfg.batch}")
     # With K > 1 draws an example has K noise levels: it is banded by their mean.
-    name, bands = (("noise level sigma", ((0, 0.1), (0.1, 0.5), (0.5, 2), (2, 1e9))) if edm else
-                   ("timestep", ((0, 100), (100, 400), (400, 700), (700, 1000))))
-    print(f"per-example gradient norm, median by {name}:")
-    for low, high in bands:
-        band = (t >= low) & (t < high)
+    print("per-example gradient norm, median by noise level:")
+    for low, high in ((0, 0.1), (0.1, 0.5), (0.5, 2), (2, math.inf)):
+        band = (sigma >= low) & (sigma < high)
         if band.any():
-            print(f"  {name} in [{low:g}, {high:g}): {band.sum().item():4d} examples, "
+            print(f"  sigma in [{low:g}, {high:g}): {band.sum().item():4d} examples, "
                   f"{norms[band].median().item():.3f}")
     print(f"  all: median {norms.median().item():.3f}")
     print("| C | clipped | signal | noise | signal / noise |\n|---|---|---|---|---|")

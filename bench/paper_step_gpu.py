@@ -41,7 +41,7 @@ def one_config(device, batch, chunk, autocast, steps):
     torch.manual_seed(0)
     model = diffusion.make_unet("paper", 1, 28, 10).to(device)
     torch.nn.init.normal_(model.conv_out.weight, std=0.02)  # as after the warm-up (not zero)
-    ddpm = diffusion.DDPM(num_classes=10)
+    edm = diffusion.EDM(num_classes=10)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     generator = randomness.secret_generator(0)
     x0 = (torch.rand(batch, 1, 28, 28, generator=generator) * 2 - 1).to(device)
@@ -50,12 +50,12 @@ def one_config(device, batch, chunk, autocast, steps):
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
     times = []
     for step in range(steps + 1):
-        y_in, t, noise = ddpm.draw_inputs(labels, DRAWS, (1, 28, 28), generator)
+        y_in, sigma_draws, noise = edm.draw_inputs(labels, DRAWS, (1, 28, 28), generator)
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        dpsgd.dp_step(model, optimizer, ddpm.loss,
+        dpsgd.dp_step(model, optimizer, edm.loss,
                       (x0, y_in.to(device), t.to(device), noise.to(device)), clip_norm=1.0,
                       sigma=1.0, expected_batch_size=batch, noise_generator=generator,
                       chunk_size=chunk, autocast=autocast)
@@ -77,11 +77,11 @@ def flops_per_example():
     layer instead of one product), so this is also the DP step's network work per example."""
     from torch.utils.flop_counter import FlopCounterMode
     model = diffusion.make_unet("paper", 1, 28, 10)
-    ddpm = diffusion.DDPM(num_classes=10)
+    edm = diffusion.EDM(num_classes=10)
     g = torch.Generator().manual_seed(0)
-    y_in, t, noise = ddpm.draw_inputs(torch.tensor([3]), DRAWS, (1, 28, 28), g)
+    y_in, sigma_draws, noise = edm.draw_inputs(torch.tensor([3]), DRAWS, (1, 28, 28), g)
     with FlopCounterMode(display=False) as counter:
-        ddpm.loss(model, torch.zeros(1, 1, 28, 28), y_in, t, noise).sum().backward()
+        edm.loss(model, torch.zeros(1, 1, 28, 28), y_in, sigma_draws, noise).sum().backward()
     return counter.get_total_flops()
 
 

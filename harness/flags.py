@@ -50,10 +50,8 @@ def parse_args(argv=None, description=None):
     setting("--frequency-steps", type=int)
     setting("--no-dpsgd", action="store_const", const=False)
     setting("--model")
-    setting("--formulation", choices=diffusion.FORMULATIONS)
     setting("--batch", type=int)
     setting("--epochs", type=float)
-    setting("--timesteps", choices=diffusion.TIMESTEP_DISTS)
     setting("--noise-draws", type=int)
     setting("--lr", type=float)
     setting("--clip", type=float)
@@ -116,6 +114,8 @@ def settings_of(args, state, device):
     try:
         cfg, reached = saved_config(state["cfg"]), runs.STAGES.index(state["stage"])
         started = bool(state["step"] or state["samples"])  # the stage reached made some output
+    except settings.DDPMRun as e:  # a run of an earlier version: say why
+        raise ValueError(f"--resume: {args.resume}: {e}") from None
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"--resume: {args.resume} holds no valid settings") from None
     for name, value in given.items():
@@ -166,7 +166,7 @@ REQUIREMENTS = dict(
     noise_draws=(lambda v: 1 <= v <= 1024, "in 1..1024"),
     lr=(lambda v: 0 < v <= 1, "in (0, 1]"), clip=(lambda v: 1e-6 <= v <= 1e6, "in [1e-6, 1e6]"),
     ema=(lambda v: 0 <= v < 1, "in [0, 1)"), chunk=(lambda v: v >= 1, ">= 1"),
-    sample_steps=(lambda v: 0 <= v <= 1000, "in 0..1000 (the diffusion steps; 0: ancestral)"),
+    sample_steps=(lambda v: 1 <= v <= 1000, "in 1..1000"),
     guidance=(lambda v: 0 <= v <= 100, "in [0, 100]"),
     churn=(lambda v: 0 <= v <= 1000, "in [0, 1000]"),
     n_samples=(lambda v: 2 <= v <= MAX_COUNT, f"in 2..{MAX_COUNT}"),
@@ -216,16 +216,10 @@ def check_settings(cfg):
         if isinstance(value, (int, float)) and not meets(f.name, value):
             raise ValueError(f"{flag(f.name)} must be {REQUIREMENTS[f.name][1]}, got {value}")
     for name, allowed in dict(dataset=data.INFO, model=diffusion.MODEL_SIZES,
-                              formulation=diffusion.FORMULATIONS,
-                              timesteps=diffusion.TIMESTEP_DISTS, solver=samplers.SOLVERS).items():
+                              solver=samplers.SOLVERS).items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name}: unknown '{getattr(cfg, name)}', choose one of "
                              f"{', '.join(allowed)}")
-    if cfg.formulation == "edm" and (cfg.sample_steps == 0 or cfg.timesteps != "uniform"):
-        raise ValueError("--formulation edm: needs --sample-steps >= 1 (no ancestral sampler) and "
-                         "draws its own noise levels (no --timesteps)")
-    if cfg.formulation == "ddpm" and (cfg.solver == "heun" or cfg.churn):
-        raise ValueError("--solver heun, --churn: EDM's sampler (--formulation edm)")
     if not cfg.dpsgd and not (cfg.central and cfg.warmup_steps):
         raise ValueError("--no-dpsgd: the warm-up on the central images is then all the training; "
                          "it needs the easy stage (no --no-central) and --warmup-steps >= 1")

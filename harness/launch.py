@@ -135,15 +135,15 @@ def train_to_the_end(run, sensitive_images, sensitive_labels, train, post_proces
     return 0
 
 
-def dpsgd_chunk(model, ddpm, cfg, image_shape):
+def dpsgd_chunk(model, edm, cfg, image_shape):
     """Examples per per-example-gradient pass: cfg.chunk on a CPU (which has no out-of-memory
     error to catch: Linux ends the process instead); on a GPU, largest_chunk_that_fits."""
     if next(model.parameters()).device.type != "cuda":
         return cfg.chunk
-    return largest_chunk_that_fits(model, ddpm, cfg, image_shape)
+    return largest_chunk_that_fits(model, edm, cfg, image_shape)
 
 
-def largest_chunk_that_fits(model, ddpm, cfg, image_shape):
+def largest_chunk_that_fits(model, edm, cfg, image_shape):
     """cfg.chunk if one pass of it fits in the device's memory, else half the largest chunk
     that fits. A pass holds the activations of chunk x K
     noise-draw images (the paper preset: 256 x 32, about 140 GiB in float32 by the CPU's
@@ -160,10 +160,10 @@ def largest_chunk_that_fits(model, ddpm, cfg, image_shape):
     chunk = cfg.chunk
     while chunk >= 1:
         x0 = torch.rand(chunk, *image_shape, generator=probe) * 2 - 1
-        y = torch.randint(ddpm.num_classes, (chunk,), generator=probe)
-        inputs = (x0, *ddpm.draw_inputs(y, cfg.noise_draws, image_shape, probe))
+        y = torch.randint(edm.num_classes, (chunk,), generator=probe)
+        inputs = (x0, *edm.draw_inputs(y, cfg.noise_draws, image_shape, probe))
         try:
-            dpsgd.clipped_sum(model, ddpm.loss, tuple(v.to(device) for v in inputs), cfg.clip,
+            dpsgd.clipped_sum(model, edm.loss, tuple(v.to(device) for v in inputs), cfg.clip,
                               chunk, cfg.autocast)
             fits = chunk if chunk == cfg.chunk else max(1, chunk // 2)
             if fits < cfg.chunk:

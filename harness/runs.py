@@ -262,10 +262,10 @@ class Run:
     step reached, and what the stages produced so far (central images, sample batches, metrics).
     train.py builds it (`new_run`); its stages fill it (`run_stage`)."""
 
-    def __init__(self, folder, cfg, plan, device, model, ddpm, optimizer, ema, secret, public,
+    def __init__(self, folder, cfg, plan, device, model, edm, optimizer, ema, secret, public,
                  seeded, ledger):
         self.folder, self.cfg, self.plan = folder, cfg, plan
-        self.device, self.model, self.ddpm = torch.device(device), model, ddpm
+        self.device, self.model, self.edm = torch.device(device), model, edm
         self.optimizer, self.ema, self.secret, self.public = optimizer, ema, secret, public
         self.seeded, self.ledger = seeded, ledger
         self.options = dict(device=str(self.device))  # where things are: device, data, weights

@@ -128,13 +128,13 @@ def test_per_sample_grads_match_loop_on_project_unet(autocast, rtol):
     # The output layer is zero-initialised, which would make every other gradient zero and
     # the comparison empty; give it weights.
     nn.init.normal_(model.conv_out.weight, std=0.05)
-    ddpm = diffusion.DDPM()
+    edm = diffusion.EDM()
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(3, 1, 28, 28, generator=g) * 2 - 1
-    y_in, t, noise = ddpm.draw_inputs(torch.tensor([1, 4, 7]), 2, (1, 28, 28), g)
-    got = per_sample_grads(model, ddpm.loss, x0, y_in, t, noise, chunk_size=2,
-                                 autocast=autocast)
-    want = loop_grads(model, ddpm.loss, x0, y_in, t, noise, autocast=autocast)
+    y_in, sigma, noise = edm.draw_inputs(torch.tensor([1, 4, 7]), 2, (1, 28, 28), g)
+    got = per_sample_grads(model, edm.loss, x0, y_in, sigma, noise, chunk_size=2,
+                           autocast=autocast)
+    want = loop_grads(model, edm.loss, x0, y_in, sigma, noise, autocast=autocast)
     assert all(v.dtype == torch.float32 for v in got.values())
     assert_rel_close(got, want, rtol=rtol)
     if autocast:

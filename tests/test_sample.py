@@ -70,7 +70,7 @@ def expected_draw(run, n, seed, overrides):
     settings, `overrides` replaced (images and labels, concatenated)."""
     cfg, model = sample.load_trained_model(run)
     cfg = dataclasses.replace(cfg, **overrides)
-    batches = list(samplers.sample_uniform(diffusion.DDPM(num_classes=10), model, n,
+    batches = list(samplers.sample_uniform(diffusion.EDM(num_classes=10), model, n,
                                            torch.Generator().manual_seed(seed),
                                            **samplers.settings_of(cfg)))
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
@@ -133,7 +133,7 @@ BAD_INPUTS = {  # name: (extra arguments, words the line holds[, words it must n
     "steps negative": (["--sample-steps", "-1"], ["--sample-steps", "-1"]),
     "steps above T": (["--sample-steps", "1001"], ["--sample-steps", "1001"]),
     "steps not a number": (["--sample-steps", "ten"], ["--sample-steps", "ten"]),
-    "heun on a DDPM run": (["--solver", "heun"], ["--solver heun"]),
+    "steps 0": (["--sample-steps", "0"], ["--sample-steps", "0"]),
     "n 0": (["--n", "0"], ["--n", "0"]),
     "n 1": (["--n", "1"], ["--n", f"2..{flags.MAX_COUNT}"]),  # evaluate.py needs two
     "n negative": (["--n", "-5"], ["--n", "-5"]),

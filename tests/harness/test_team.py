@@ -113,7 +113,7 @@ def dpsgd_steps(model, q, sigma, steps, seed):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     train.train_dpsgd(model, optimizer, diffusion.EMA(model, 0.9), images, labels, cfg, plan,
-                      diffusion.DDPM(num_classes=10), randomness.secret_generator(seed),
+                      diffusion.EDM(num_classes=10), randomness.secret_generator(seed),
                       accountant.PrivacyLedger(1e-5), 0, lambda step, describe="": None,
                       team.Team(), cfg.chunk)
     return before, torch.cat([p.detach().flatten() for p in model.parameters()])
