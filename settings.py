@@ -52,12 +52,12 @@ class Config:
 # a 2,000-step warm-up at batch 64; EDM's stochastic sampler, 1,000 steps at S_churn 10.
 PAPER = Config()
 # A 2-core CPU: the small UNet, one noise draw, 205 DP-SGD steps at expected batch 1024, clip
-# norm 0.1 (a third of the median per-example gradient norm: at C = 1 most of a step is noise),
-# 10,000 synthetic images drawn by DPM-Solver++(2M) in 15 steps without guidance. The sizes were
-# chosen by hand to fit about half an hour, C, guidance and the number of images by the campaign
-# (results and how they were chosen: README, bench/README.md). bf16 autocast only where the CPU
-# has bf16 kernels (AVX-512 or AMX): elsewhere bf16 is emulated, and a pass of the small UNet
-# took 14x as long as in float32 (an AVX2 CPU; bench/README.md).
+# norm 0.1 (below every per-example gradient norm after the warm-up, so each example counts
+# alike), 10,000 synthetic images drawn by DPM-Solver++(2M) in 15 steps without guidance. The
+# sizes were chosen by hand to fit about half an hour, the rest by the campaign (results and how
+# they were chosen: bench/README.md). bf16 autocast only where the CPU has bf16 kernels (AVX-512
+# or AMX): elsewhere bf16 is emulated, and a pass of the small UNet took 14x as long as in
+# float32 (an AVX2 CPU; bench/README.md).
 CPU_HAS_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 CPU = dataclasses.replace(PAPER, model="small", warmup_steps=1200, batch=1024, epochs=3.5,
                           clip=0.1, noise_draws=1, chunk=64, autocast=CPU_HAS_BF16, lr=1e-3,

@@ -333,12 +333,6 @@ def post_process(run):
                                run.path("stages.png"))
 
     def evaluation():
-        def stop_point(message):  # evaluation's progress lines are its batch boundaries
-            print(message, file=sys.stderr, flush=True)
-            if run.stop.requested:
-                run.checkpoint()
-                raise runs.StopRequested()
-
         images, labels = evaluate.load_samples(run.path("samples.npz"), cfg.dataset)
         # The real side's FID statistics describe sensitive images: kept in the private run
         # folder, next to the checkpoint.
@@ -346,7 +340,7 @@ def post_process(run):
         real_data = functools.partial(data.load, cfg.dataset, data_dir=run.options["data_dir"],
                                       trust_files=run.options["trust_data_files"])
         run.metrics = evaluate_release(images, labels, cfg, real_data, run.device,
-                                       run.options["inception"], fid_cache, stop_point)
+                                       run.options["inception"], fid_cache, run.stop_point)
 
     run.run_stage("synthesize", synthesis)
     run.run_stage("evaluate_release", evaluation)

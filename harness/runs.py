@@ -290,6 +290,14 @@ class Run:
         that rank 0 ran alone, or on GPUs, whose kernels need not be bit-reproducible."""
         self.team.take_rank0_state(self.model, self.secret, self.public)
 
+    def stop_point(self, message):
+        """A progress line of a loop whose steps are not the stage's (the evaluation's batches):
+        printed to stderr; a requested stop checkpoints here and stops."""
+        print(message, file=sys.stderr, flush=True)
+        if self.stop.requested:
+            self.checkpoint()
+            raise StopRequested()
+
     def save_grid(self, images, name, nrow):
         """A PNG grid in the run folder, written by the one process that writes."""
         if self.writes:
