@@ -2,6 +2,7 @@
 gradients under vmap, the UNet's shapes and size, the pixel range and the EMA (the samplers:
 test_samplers.py)."""
 import math
+import os
 
 import pytest
 import torch
@@ -32,6 +33,14 @@ def test_paper_size_has_about_1_5_million_parameters():
     n = count_parameters(make_unet("paper", 1, 28, 10))
     print(f"paper UNet: {n} parameters")
     assert abs(n - 1.5e6) <= 0.1 * 1.5e6
+
+
+def test_the_readme_states_the_unets_sizes_as_counted():
+    # One number for each UNet's size, counted rather than written from memory.
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
+        readme = f.read()
+    for size in ("paper", "small"):
+        assert f"{count_parameters(make_unet(size, 1, 28, 10)):,} parameters" in readme, size
 
 
 def test_output_layer_is_zero_initialised():
