@@ -43,7 +43,7 @@ def frequencies(dim, seed, num_frequencies=NUM_FREQUENCIES):
 
 def features(x, W):
     """phi(x) [n, 2D] for flat images x [n, d] in [0, 1]: [cos(W x), sin(W x)] / sqrt(D), in x's
-    dtype (float32 while fitting the generator, float64 in the release)."""
+    dtype."""
     projected = x @ W.to(x).T
     return torch.cat([projected.cos(), projected.sin()], dim=1) / math.sqrt(W.shape[0])
 
@@ -93,7 +93,7 @@ class Generator(nn.Module):
     """G(z, y): a small class-conditional convolutional generator, images in [0, 1].
 
     Noise and a label embedding -> a 7x7 map -> two nearest-neighbour upsamplings with 3x3
-    convolutions -> the image through a sigmoid. FETA-Pro's is a 1.5 M-parameter BigGAN, far
+    convolutions -> the image through a sigmoid. FETA-Pro's is a 1,549,226-parameter BigGAN, far
     too slow for a CPU; this one has about 0.1 M parameters."""
 
     def __init__(self, channels, size, num_classes, z_dim=32, width=32):
@@ -130,15 +130,15 @@ def fit_generator(table, num_classes, image_shape, seed, steps, batch=100, lr=0.
     release; every draw comes from a generator seeded with `seed` (public), so the same table
     and seed give the same generator on the same machine."""
     W = frequencies(math.prod(image_shape), seed, table.shape[0] // 2).float()  # the release's
-    g = torch.Generator().manual_seed(seed + 1)  # its own stream, not W's
+    draws = torch.Generator().manual_seed(seed + 1)  # its own stream, not W's
     target = table.float()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 2)
-        generator = Generator(image_shape[0], image_shape[1], num_classes)
-    optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+        fitted = Generator(image_shape[0], image_shape[1], num_classes)
+    optimizer = torch.optim.Adam(fitted.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_every, gamma=0.9)
     for step in range(steps):
-        images, labels = generator.draw(batch, g)
+        images, labels = fitted.draw(batch, draws)
         embedding = features(images.flatten(1), W).T @ F.one_hot(labels, num_classes).float()
         loss = ((target - embedding / batch) ** 2).sum()
         optimizer.zero_grad(set_to_none=True)
@@ -147,4 +147,4 @@ def fit_generator(table, num_classes, image_shape, seed, steps, batch=100, lr=0.
         schedule.step()
         if progress:
             progress(step + 1, f" | MMD^2 {loss.item():.5f}")
-    return generator.requires_grad_(False).eval()
+    return fitted.requires_grad_(False).eval()
