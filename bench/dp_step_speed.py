@@ -22,6 +22,7 @@ The last line is `RESULT dp_over_best_plain=<r> dp_over_plain_same_dtype=<r>
 peak_mib_512=<MiB> peak_mib_4096=<MiB>` (ratios of step times: 1.43 is 0.7x the throughput).
 """
 import argparse
+import copy
 import json
 import os
 import resource
@@ -69,23 +70,33 @@ def time_speed(args):
     per-round ratios."""
     model, edm, tensors = setup(args.batch, args.draws)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    # --channels-last: the same model and images in channels-last memory layout, float32
+    layout_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    layout_optimizer = torch.optim.Adam(layout_model.parameters(), lr=1e-5)
     noise_gen = torch.Generator().manual_seed(1)
     n = len(tensors[0])
 
-    def plain(chunk, autocast):
-        return lambda batch: plain_step(model, optimizer, edm.loss, batch, chunk, autocast)
+    def plain(chunk, autocast, net=model, opt=optimizer):
+        return lambda batch: plain_step(net, opt, edm.loss, batch, chunk, autocast)
 
-    def dp(chunk, autocast):
-        return lambda batch: dpsgd.dp_step(model, optimizer, edm.loss, batch, clip_norm=1.0,
+    def dp(chunk, autocast, net=model, opt=optimizer):
+        return lambda batch: dpsgd.dp_step(net, opt, edm.loss, batch, clip_norm=1.0,
                                            sigma=1.0, expected_batch_size=n,
                                            noise_generator=noise_gen, chunk_size=chunk,
                                            autocast=autocast)
+
+    def channels_last(step):  # the images in channels-last layout too
+        return lambda batch: step((batch[0].contiguous(memory_format=torch.channels_last),
+                                   *batch[1:]))
 
     variants = {}
     for kind, make, chunks in (("plain", plain, args.plain_chunks), ("dp", dp, args.dp_chunks)):
         for autocast in (False,) if args.float32_only else (False, True):
             for chunk in chunks:
                 variants[(kind, "bf16" if autocast else "fp32", chunk)] = make(chunk, autocast)
+        for chunk in chunks if args.channels_last else ():
+            variants[(kind, "fp32-cl", chunk)] = channels_last(
+                make(chunk, False, layout_model, layout_optimizer))
     for step in variants.values():
         step([t[:args.dp_chunks[-1]] for t in tensors])  # traces vmap, sets up kernels: untimed
     times = {key: [] for key in variants}
@@ -96,7 +107,7 @@ def time_speed(args):
             times[key].append(time.perf_counter() - started)
     median = {key: statistics.median(t) for key, t in times.items()}
     for key in variants:
-        print(f"{key[0]:5s} {key[1]} chunk {key[2]:4d}: {n / median[key]:7.1f} examples/s "
+        print(f"{key[0]:5s} {key[1]:7s} chunk {key[2]:4d}: {n / median[key]:7.1f} examples/s "
               f"({n * args.draws / median[key]:7.1f} images/s)", flush=True)
     best = {kind: min((key for key in variants if key[0] == kind), key=median.get)
             for kind in ("plain", "dp")}
@@ -174,6 +185,8 @@ def main():
     parser.add_argument("--float32-only", action="store_true",
                         help="leave out the bf16 variants (on a CPU without bf16 kernels they are "
                              "emulated, 14x slower)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also time the float32 steps in channels-last memory layout")
     parser.add_argument("--memory-batches", type=int, nargs=2, default=[512, 4096])
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--profile", action="store_true",
