@@ -29,7 +29,7 @@ prints both numbers and writes them to SAMPLES.eval.json. Bad input (a corrupt f
 that do not fit, an unusable device or output path) is reported in one line, exit status 2,
 before any minutes are spent on Inception features or the classifier.
 """
-from harness import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
+from harness import cli  # noqa: F401  (first: a Ctrl-C while torch loads is one line)
 from harness import flags
 import hashlib
 import json
@@ -408,7 +408,7 @@ def main(argv=None):
                         "(default: torch hub cache, pytorch-fid's file)")
     parser.add_argument("--cache-dir", type=cli.path, default=os.path.join("data", "fid_stats"),
                         help="where reference statistics are cached")
-    # Bounds, like the device check, are train.py's (settings.py): --epochs is its
+    # Bounds, like the device check, are train.py's (harness/flags.py): --epochs is its
     # --classifier-epochs.
     parser.add_argument("--epochs", type=flags.bounded("classifier_epochs"), default=10,
                         help="epochs of the accuracy classifier (default 10)")

@@ -199,8 +199,9 @@ def load_inception(weights=None, device="cpu"):
     """FIDInception in eval mode with pytorch-fid's weights, from the file `weights` or, by
     default, from the torch hub cache (downloaded there from pytorch-fid's release if absent)."""
     where = weights or os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
-    hint = ("expected pytorch-fid's Inception state_dict; without internet, fetch it with "
-            "../shared/tools/get-inception-weights or pass --inception PATH")
+    hint = (f"expected pytorch-fid's Inception state_dict; without internet, copy {FID_WEIGHTS_FILE} "
+            f"into {os.path.dirname(where) if weights is None else 'the torch hub cache'} or "
+            f"pass --inception PATH")
     if weights is not None and not os.path.isfile(weights):
         raise WeightsError(f"FID Inception weights not found at {weights} ({hint})")
     try:

@@ -13,7 +13,7 @@ the loop that train.py's synthesis uses (samplers.sample_uniform) and written as
 file that train.py writes and evaluate.py reads (evaluate.save_samples). An existing output
 file is never overwritten.
 """
-from harness import cli  # first: a Ctrl-C while torch loads is one line (cli.py)
+from harness import cli  # noqa: F401  (first: a Ctrl-C while torch loads is one line)
 from harness import flags
 import dataclasses
 import os
@@ -52,7 +52,7 @@ def load_trained_model(folder):
 
 def main(argv=None):
     p = cli.OneLineParser(prog="sample.py", description=__doc__.split("\n\n")[0])
-    # Bounds, like the device check, are train.py's (settings.py): --n is its --n-samples.
+    # Bounds, like the device check, are train.py's (harness/flags.py): --n is its --n-samples.
     p.add_argument("run", type=cli.path, metavar="RUN",
                    help="a run folder of train.py that has finished DP-SGD")
     p.add_argument("--n", type=flags.bounded("n_samples"), required=True,

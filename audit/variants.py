@@ -196,7 +196,7 @@ class CentralRealisedCount(Central):
     """The pitfall noisy_class_means avoids: each class's noisy sum divided by the class's
     realised count (at least 1) instead of the public q N / K. The production function runs,
     then its output is rescaled; the realised counts come from replaying the generator (the
-    Poisson mask is noisy_class_means' first draw, as tests/test_audit_trials.py checks)."""
+    Poisson mask is noisy_class_means' first draw, as tests/audit/test_audit_trials.py checks)."""
     def query(self, images, labels, num_classes, q, sigma, generator):
         replay = torch.Generator().set_state(generator.get_state())
         mask = randomness.poisson_sample(len(images), q, replay)

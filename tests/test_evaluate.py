@@ -110,7 +110,8 @@ def test_default_source_offline_gives_one_clear_line(tmp_path, monkeypatch):
     assert asked == ["https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                      "pt_inception-2015-12-05-6726825d.pth"]  # pytorch-fid's FID_WEIGHTS_URL
     hub_file = tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
-    one_line_error(e, str(hub_file), "name resolution", "get-inception-weights", "--inception")
+    one_line_error(e, str(hub_file), "name resolution", "copy", str(hub_file.parent),
+                   "--inception")
 
 
 def test_truncated_weights_file_gives_one_clear_line(random_weights, tmp_path):
@@ -373,7 +374,7 @@ def test_cli_fid_of_a_set_with_itself_is_zero_and_json_is_written(mnist_dir, ran
     result = json.loads((tmp_path / "samples.eval.json").read_text())
     assert result["fid_images"] == 5 and abs(result["fid"]) < 1e-3
     # The accuracy is the classifier's on these samples and labels (its own tests are in
-    # test_classifier.py): the same call, made here, gives the same numbers.
+    # test_evaluate_accuracy.py): the same call, made here, gives the same numbers.
     test_images, test_labels = data.load("mnist", "test", mnist_dir)
     direct = classifier_accuracy(images[:200], labels[:200], test_images, test_labels, 10,
                                  epochs=1, seed=0, device="cpu", progress=None)
