@@ -46,7 +46,6 @@ import torch.nn.functional as F
 
 from harness import data
 from harness import runs
-import settings
 from inception import WeightsError, load_inception
 
 
@@ -237,7 +236,7 @@ def train_classifier(images, labels, num_classes=10, epochs=10, batch_size=64, l
     # Initialise from a forked global RNG so the weights depend on `seed` only and the
     # caller's random state is left untouched.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator alone: the one forked
         model = SmallCNN(images.shape[1], images.shape[2], num_classes)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

@@ -12,8 +12,9 @@ independent N(0, 1/BANDWIDTH) entries, drawn from a public seed (W does not depe
     fit        min_G || T - (1/B) sum_j phi(G(z_j, y_j)) e_{y_j}^T ||^2   uniform labels y_j
 
 phi(x) . phi(x') approximates the Gaussian kernel exp(-BANDWIDTH^-1 ||x - x'||^2 / 2), so matching
-T matches every class's mean embedding: the maximum mean discrepancy (MMD) of the generator's
-images to the class's images. Privacy: adding or removing one example adds or removes one term
+T matches every class's mean embedding, weighted by the class's share of the data against the
+generator's uniform labels (as DP-MERF: exact for balanced classes): the maximum mean
+discrepancy (MMD) of the generator's images to the class's images. Privacy: adding or removing one example adds or removes one term
 phi(x) e_y^T, of norm 1 (e_y is one-hot), to the sum: sensitivity 1, so the release is ONE
 Gaussian mechanism on the whole set (q = 1) with noise multiplier sigma_f, the entry
 (1, sigma_f, 1) of the ledger. Dividing by N, the public dataset size, is post-processing. The
@@ -29,10 +30,16 @@ import torch.nn.functional as F
 
 NUM_FREQUENCIES = 5000  # D: FETA-Pro's 10,000 features are 5,000 cosines and 5,000 sines
 BANDWIDTH = 105.0       # W's entries have variance 1/BANDWIDTH (FETA-Pro's rff_sigma for MNIST)
-# The release sums at most 2^17 float64 terms (as dpsgd.clip_margin: MNIST has 60,000), where
-# the sum's rounding can move it by 2^-18 of a term: each term is scaled to norm 1 - 2^-17 so
-# that the computed sum's sensitivity stays <= 1, rounding included.
+# Each term of the release is scaled to norm 1 - MARGIN so that the computed sum's sensitivity
+# stays <= 1, rounding included, for fewer than MAX_IMAGES terms (MNIST has 60,000). Two
+# roundings share the margin. The float64 sum (as dpsgd.clip_margin: Higham, Sec. 3.1) moves two
+# neighbouring sums apart by under 2^-18 more than the one term. And a term shared by the two
+# datasets may come out of the float64 features in other bits when the other images shift the
+# batches of the matrix product: each feature's angle is within d u sum_k |W_jk| of its exact
+# value (d = 784, u = 2^-53: about 6e-12 for these W), so each term is within about 1e-11 of the
+# exact one in either computation, and 2^17 shared terms move the sum by under 2^-18.
 MARGIN = 2.0 ** -17
+MAX_IMAGES = 2 ** 17
 
 
 def frequencies(dim, seed, num_frequencies=NUM_FREQUENCIES):
@@ -53,15 +60,13 @@ def feature_sums(images, labels, num_classes, W):
 
     This is the only function of the stage that reads the sensitive data; its result must get
     noise before it leaves (noisy_feature_table). Images are uint8 (or float, mapped into [0, 1]:
-    NaN counts as 0, anything else clamped), so the sensitivity holds for any input. The
-    features are computed in float32 (twice as fast; rounding only changes which function of
-    x is summed), then each term is scaled in float64 to norm 1 - MARGIN (see MARGIN) and the
-    terms are summed in float64."""
+    NaN counts as 0, anything else clamped), so the sensitivity holds for any input. Features,
+    norms and sums are float64; each term is scaled to norm 1 - MARGIN (see MARGIN)."""
     sums = torch.zeros(2 * W.shape[0], num_classes, dtype=torch.float64)
     for chunk, y in zip(images.split(1000), labels.split(1000)):
-        x = chunk.flatten(1).float()
+        x = chunk.flatten(1).double()
         x = x / 255 if chunk.dtype == torch.uint8 else x.nan_to_num(0.0).clamp(0.0, 1.0)
-        phi = features(x, W).double()
+        phi = features(x, W.double())
         phi = phi * ((1 - MARGIN) / phi.norm(dim=1, keepdim=True))  # 1 up to rounding: now <= 1
         sums.index_add_(1, y, phi.T)
     return sums
@@ -79,8 +84,9 @@ def noisy_feature_table(images, labels, num_classes, W, sigma, generator):
 def release(images, labels, num_classes, sigma, seed, generator):
     """The stage's mechanism: (table T float64 [2D, K], mechanism (q, sigma, steps) for the
     accountant). seed: the public seed of W; generator: the secret generator."""
-    if images.shape[0] == 0:
-        raise ValueError("images: the sensitive set is empty")
+    if not 0 < images.shape[0] < MAX_IMAGES:
+        raise ValueError(f"images: the release's rounding margin covers 1 to {MAX_IMAGES - 1} "
+                         f"images, got {images.shape[0]}")
     if not sigma > 0:
         raise ValueError(f"sigma: the noise multiplier must be > 0, got {sigma}")
     W = frequencies(images[0].numel(), seed)
@@ -89,7 +95,7 @@ def release(images, labels, num_classes, sigma, seed, generator):
 
 # ------------------------------------------------------------------------------ the generator
 
-class Generator(nn.Module):
+class ImageGenerator(nn.Module):
     """G(z, y): a small class-conditional convolutional generator, images in [0, 1].
 
     Noise and a label embedding -> a 7x7 map -> two nearest-neighbour upsamplings with 3x3
@@ -125,7 +131,7 @@ class Generator(nn.Module):
 
 def fit_generator(table, num_classes, image_shape, seed, steps, batch=100, lr=0.01,
                   decay_every=600, progress=None):
-    """A Generator fitted to the released table by the MMD loss above: Adam at lr, times 0.9
+    """An ImageGenerator fitted to the released table by the MMD loss above: Adam at lr, times 0.9
     every `decay_every` steps (FETA-Pro: 5 x 600 steps of batch 100 from lr 0.01). Reads only the
     release; every draw comes from a generator seeded with `seed` (public), so the same table
     and seed give the same generator on the same machine."""
@@ -133,8 +139,8 @@ def fit_generator(table, num_classes, image_shape, seed, steps, batch=100, lr=0.
     draws = torch.Generator().manual_seed(seed + 1)  # its own stream, not W's
     target = table.float()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 2)
-        fitted = Generator(image_shape[0], image_shape[1], num_classes)
+        torch.default_generator.manual_seed(seed + 2)  # the initial weights (CPU)
+        fitted = ImageGenerator(image_shape[0], image_shape[1], num_classes)
     optimizer = torch.optim.Adam(fitted.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_every, gamma=0.9)
     for step in range(steps):

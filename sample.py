@@ -59,7 +59,7 @@ def main(argv=None):
                    help="number of images (labels uniform)")
     p.add_argument("--out", type=cli.path, help="output .npz (default: RUN/more_samples.npz)")
     p.add_argument("--sample-steps", type=flags.bounded("sample_steps"),
-                   help="sampler steps (0: ancestral; default: the run's)")
+                   help="sampler steps (default: the run's)")
     p.add_argument("--solver", choices=samplers.SOLVERS, help="default: the run's")
     p.add_argument("--churn", type=flags.bounded("churn"),
                    help="Heun's S_churn, noise re-added while sampling (default: the run's)")

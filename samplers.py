@@ -28,8 +28,8 @@ RHO = 7.0                  # eq. 5: spacing of the noise levels (Karras et al.'s
 CHURN_RANGE = (0.1, 50.0)  # Algorithm 2's S_min, S_max: where churn adds noise (the official code's)
 MAX_STEPS = 1000           # steps at most (the official code's number)
 # Images per network pass, the one batch size of sampling: on a 2-core CPU, 50 to 100 ran twice
-# as fast per image as 500, whose activations no longer fit in the caches
-# (bench/sampling_speed.py); a GPU wants large batches.
+# as fast per image as 500, whose activations no longer fit in the caches (measured on the DDPM
+# this formulation replaced, the same network); a GPU wants large batches.
 CPU_BATCH, GPU_BATCH = 100, 500
 
 

@@ -15,11 +15,9 @@ mechanism, and a second warm-up on images fitted to it.
 
 The privacy argument is in the signatures: only the `release_*` functions and `train_dpsgd` are
 given the sensitive images, and they draw from the secret generator (randomness.py); the
-warm-ups see what was released, synthesis sees the model. `train` chains the stages in the
-paper's order; each is checkpointed, so `--resume RUN_DIR` continues a run, privacy ledger
-included, and ends bit for bit where an uninterrupted run on the same device would. What keeps
-a run safe but is not the method (flags, the run folder and its lock, signals, torchrun, the
-data files) is in harness/.
+warm-ups see what was released, synthesis sees the model. Each stage is checkpointed, so
+`--resume RUN_DIR` ends bit for bit where an uninterrupted run would; the machinery that keeps a
+run safe (flags, run folder, lock, signals, torchrun, data files) is in harness/.
 """
 from harness import cli  # noqa: F401  (first: a Ctrl-C while torch loads is one line)
 import functools
@@ -46,16 +44,16 @@ def privacy_plan(cfg, n):
     Both sampling rates are the exact inclusion probabilities of randomness.poisson_sample.
     The dataset size n is public (as in the paper): q = batch / n. With --no-dpsgd the releases
     before DP-SGD are the only mechanisms, and their own epsilon is the run's."""
-    central_images = ((randomness.sampling_rate(cfg.central_q), cfg.central_sigma,
-                       cfg.central_queries) if cfg.central else None)
-    features = (1.0, cfg.frequency_sigma, 1) if cfg.frequency else None  # q = 1: the whole set
-    history = [mechanism for mechanism in (central_images, features) if mechanism]
+    central_mechanism = ((randomness.sampling_rate(cfg.central_q), cfg.central_sigma,
+                          cfg.central_queries) if cfg.central else None)
+    frequency_mechanism = (1.0, cfg.frequency_sigma, 1) if cfg.frequency else None  # q = 1: all
+    history = [m for m in (central_mechanism, frequency_mechanism) if m]
     spent_before, order = accountant.epsilon(history, cfg.delta)
     if spent_before >= cfg.eps:
         raise ValueError(f"--eps {cfg.eps:g} is not above the {spent_before:.4f} that the releases "
                          f"before DP-SGD spend: raise --eps, --central-sigma or --frequency-sigma")
-    plan = dict(n=n, delta=cfg.delta, target_eps=cfg.eps, central=central_images,
-                frequency=features, dpsgd=None, eps=spent_before, order=order)
+    plan = dict(n=n, delta=cfg.delta, target_eps=cfg.eps, central=central_mechanism,
+                frequency=frequency_mechanism, dpsgd=None, eps=spent_before, order=order)
     if not cfg.dpsgd:
         return plan
     if cfg.batch > n:
@@ -76,14 +74,10 @@ def print_plan(plan):
         print(f"  central images: {queries} Poisson-subsampled Gaussian queries, q={q:g}, "
               f"sigma_c={sigma_c:g}")
     if plan.get("frequency"):  # plans made before the frequency stage have no entry
-        print(f"  frequency features: one Gaussian release of the whole set, "
-              f"sigma_f={plan['frequency'][1]:g}")
+        print(f"  frequency features: one Gaussian release, sigma_f={plan['frequency'][1]:g}")
     d = plan["dpsgd"]
-    if d:
-        print(f"  DP-SGD: {d['steps']} steps, q={d['q']:.5g}, noise multiplier "
-              f"sigma={d['sigma']:.4g}")
-    else:
-        print("  no DP-SGD (--no-dpsgd): the warmed-up model is the release")
+    print(f"  DP-SGD: {d['steps']} steps, q={d['q']:.5g}, noise multiplier sigma={d['sigma']:.4g}"
+          if d else "  no DP-SGD (--no-dpsgd): the warmed-up model is the release")
     print(f"  composed: eps={plan['eps']:.4f} <= {plan['target_eps']:g} "
           f"(best RDP order {plan['order']:g})")
 
@@ -109,13 +103,20 @@ def warm_up(model, optimizer, central_images, central_labels, cfg, edm, public, 
         pick = torch.randint(len(pool_images), (cfg.warmup_batch,), generator=public,
                              device=public.device).to(device)
         augmented = central.augment(pool_images[pick], public)
-        x0 = diffusion.to_model_range(augmented)
-        y_in, sigma, noise = edm.draw_inputs(pool_labels[pick], 1, x0.shape[1:], public)
-        loss = edm.loss(model, x0, y_in, sigma, noise).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        progress(step + 1, f" | loss {loss.item():.4f}")
+        loss = diffusion_step(model, optimizer, edm, augmented, pool_labels[pick], public)
+        progress(step + 1, f" | loss {loss:.4f}")
+
+
+def diffusion_step(model, optimizer, edm, images, labels, public):
+    """One ordinary (non-private) step of the diffusion loss on released images in [0, 1], one
+    noise draw each, the draws from the public generator; returns the batch's loss."""
+    x0 = diffusion.to_model_range(images)
+    y_in, sigma, noise = edm.draw_inputs(labels, 1, x0.shape[1:], public)
+    loss = edm.loss(model, x0, y_in, sigma, noise).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def release_frequency_features(sensitive_images, sensitive_labels, cfg, secret, seed):
@@ -131,16 +132,13 @@ def warm_up_on_features(model, optimizer, image_generator, cfg, edm, public, fir
     """FETA-Pro's frequency stage, learning: the diffusion loss on fresh images of the generator
     fitted to the released features, no augmentation. Post-processing, like the first warm-up;
     it draws from the public generator."""
+    device = next(model.parameters()).device
     for step in range(first_step, cfg.frequency_steps):
         with torch.no_grad():
             images, labels = image_generator.draw(cfg.warmup_batch, public)
-        x0 = diffusion.to_model_range(images.clamp(0, 1))
-        y_in, sigma, noise = edm.draw_inputs(labels, 1, x0.shape[1:], public)
-        loss = edm.loss(model, x0, y_in, sigma, noise).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        progress(step + 1, f" | loss {loss.item():.4f}")
+        loss = diffusion_step(model, optimizer, edm, images.clamp(0, 1).to(device),
+                              labels.to(device), public)
+        progress(step + 1, f" | loss {loss:.4f}")
 
 
 def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, plan, edm,
@@ -177,11 +175,10 @@ def train_dpsgd(model, optimizer, ema, sensitive_images, sensitive_labels, cfg, 
 
 
 def synthesize(model, cfg, edm, public, pieces, progress):
-    """cfg.n_samples images with uniformly random labels from the (EMA) model, drawn by the one
-    sampling loop (samplers.sample_uniform) and appended batch by batch to `pieces`
-    [(uint8 images, labels)], with a progress call (a checkpoint, a stop) after each batch: a
-    resumed run continues the loop where it stopped. Post-processing of the trained weights;
-    it draws from the public generator."""
+    """cfg.n_samples images with uniformly random labels from the (EMA) model, appended batch by
+    batch to `pieces` [(uint8 images, labels)] with a progress call (a checkpoint, a stop) after
+    each: a resumed run continues the loop where it stopped (samplers.sample_uniform).
+    Post-processing of the trained weights; it draws from the public generator."""
     done = sum(len(labels) for _, labels in pieces)
     for images, labels in samplers.sample_uniform(edm, model, cfg.n_samples - done, public,
                                                   **samplers.settings_of(cfg)):
@@ -253,14 +250,13 @@ def train(run, sensitive_images, sensitive_labels):
                 sensitive_images, sensitive_labels, cfg, run.secret))
             run.ledger.add("central images", *mechanism)  # every process counts it once
             run.central = (images.cpu(), labels.cpu())
-            order = labels.argsort(stable=True)  # one row per class
-            run.save_grid(images[order], "central_images.png", nrow=cfg.central_queries)
             print(f"[central] {len(images)} central images; eps spent "
                   f"{run.ledger.epsilon()[0]:.3f}")
 
     def frequency_features():
         if cfg.frequency:
-            seed = int(torch.randint(2 ** 62, (1,), generator=run.public))  # W's: public
+            seed = int(torch.randint(2 ** 62, (1,), generator=run.public,  # W's: public
+                                     device=run.public.device))
             table, mechanism = run.release_once(lambda: release_frequency_features(
                 sensitive_images, sensitive_labels, cfg, run.secret, seed))
             run.ledger.add("frequency features", *mechanism)
@@ -269,6 +265,10 @@ def train(run, sensitive_images, sensitive_labels):
                   f"spent {run.ledger.epsilon()[0]:.3f}")
 
     def warm():
+        if cfg.central:  # the release's picture, once the checkpoint's ledger counts it
+            images, labels = run.central
+            run.save_grid(images[labels.argsort(stable=True)], "central_images.png",
+                          nrow=cfg.central_queries)  # one row per class
         if cfg.central and cfg.warmup_steps:
             # Post-processing and cheap: every process runs the same steps from the same state.
             warm_up(run.model, run.optimizer, *run.central, cfg, run.edm, run.public, run.step,

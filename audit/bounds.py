@@ -19,10 +19,13 @@ hold with probability >= 1 - level). Two claims are tested against them:
    Qbar(z) = P[N(0, 1) > z]: U is the best test of "in" against "out" for the worst pair (one
    example of norm C, sampled with rate q, against nothing; Neyman-Pearson: thresholds on the
    update), and that pair dominates every other (Zhu, Dong, Wang 2022, "Optimal Accounting of
-   Differential Privacy via Characteristic Function"). An event above the curve proves, at the
-   same confidence, that the code is LESS private than the claimed mechanism: the code or the
-   accountant's input is wrong. Solving y > U(x) for mu: the code is not the q-step with any
-   noise multiplier >= 1 / mu_R, where (y = lower P_in[R], x = upper P_out[R])
+   Differential Privacy via Characteristic Function"). The audited pairs are such pairs on the
+   scored coordinates: the canary against its absence (the central and frequency designs put a
+   null record in an unscored class instead, to keep N fixed, which the score never reads). An
+   event above the curve proves, at the same confidence, that the code is LESS private than the
+   claimed mechanism: the code or the accountant's input is wrong. Solving y > U(x) for mu: the
+   code is not the q-step with any noise multiplier > 1 / mu_R, where (y = lower P_in[R],
+   x = upper P_out[R])
        mu_R = Qbar^-1(x) - Qbar^-1((y - (1 - q) x) / q).
    That is a statement about the claim, not an eps at delta = 1e-5; it catches much smaller
    errors (noise 15 % too small, clipping at 1.2 C) in a million trials, because the curve is

@@ -67,7 +67,6 @@ import math
 import time
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 

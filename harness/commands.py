@@ -55,10 +55,10 @@ def accountant_command(argv=None):
         description="Epsilon spent by Poisson-subsampled Gaussian mechanisms (RDP accountant),\n"
                     "or the smallest sigma that meets a target epsilon. Prints one line.",
         epilog="examples:\n"
-               "  accountant.py --q 0.0667 --sigma 13.1 --steps 2250\n"
-               "  accountant.py --q 0.0667 --eps 1 --steps 2250\n"
-               "  accountant.py --stage 0.1,5,5 --q 0.0667 --eps 1 --steps 2250  # central, then DP-SGD\n"
-               "  accountant.py --stage 0.1,5,5 --stage 0.0667,13.1,2250",
+               "  accountant.py --q 0.0683 --sigma 13.24 --steps 2197\n"
+               "  accountant.py --q 0.0683 --eps 1 --steps 2197\n"
+               "  accountant.py --stage 0.1,5,5 --q 0.0683 --eps 1 --steps 2197  # central, then DP-SGD\n"
+               "  accountant.py --stage 0.1,5,5 --stage 0.0683,13.24,2197",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=_stage, action="append", default=[], metavar="Q,SIGMA,STEPS",
                         help="an earlier mechanism of the history; repeat for several, in order")

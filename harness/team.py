@@ -18,8 +18,8 @@ step on N processes must give exactly that mechanism, so:
   logical step, which every process computes identically, so the noisy sum, the optimizer step
   and the weights are the same everywhere (checked, `check_same_weights`). The update equals
   the one-process update up to the order of the float additions.
-* Rank 0 alone draws the central images and writes files (ledger, report, checkpoint); the
-  others take its release and state. A Ctrl-C on any process stops all of them at the same step
+* Rank 0 alone draws the releases before DP-SGD (central images, frequency features) and writes
+  files (ledger, report, checkpoint); the others take its releases and state. A Ctrl-C on any process stops all of them at the same step
   boundary (`StopTogether`). Synthesis and evaluation (post-processing) run on rank 0 alone.
 
 So the privacy analysis does not depend on the number of processes. Across machines the
@@ -69,7 +69,7 @@ def check_environment():
 
 
 def is_main():
-    """Rank 0: the process that draws the central images and writes the run's files."""
+    """Rank 0: the process that draws the releases before DP-SGD and writes the run's files."""
     return rank() == 0
 
 
