@@ -110,6 +110,10 @@ EDM_JOBS = [
     edm_trunk(0, "-lr3e-4", ["--lr", "3e-4"]), edm(0, "-lr3e-4", ["--lr", "3e-4"]),
     edm_trunk(0, "-cs10", ["--central-sigma", "10"]),
     edm(0, "-cs10", ["--central-sigma", "10"]),
+    # The README's other rows: DP-SGD alone (DPDM: no central images, no warm-up, so no trunk)
+    # and ten times the budget (its DP-SGD branches from trunk-edm-s0).
+    edm(0, "-no-central", ["--no-central"]),
+    edm(0, "-eps10", ["--eps", "10"]),
 ]
 # FETA-Pro's frequency stage on the EDM preset, paired by seed with edm-s<seed>: its warm-up
 # alone (--no-dpsgd: central images and the frequency release, eps ~0.2), then with DP-SGD.
