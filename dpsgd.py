@@ -120,7 +120,7 @@ def add_noise(summed, sigma, clip_norm, generator):
     torch's float64 normal on the CPU is Box-Muller computed in float64 on 53-bit uniforms
     k / 2^53 (|z| <= 8.6); the noisy sum is formed in float64 and only then cast to float32
     (scale_grad), which is post-processing. What remains: beyond a Box-Muller radius of about 7
-    (4e-11 of the pairs drawn) the 53-bit law's values lie farther apart than float32's grid,
+    (4.6e-11 of the pairs drawn) the 53-bit law's values lie farther apart than float32's grid,
     so such a coordinate's released value can be impossible under a neighbouring dataset.
     Closing that takes noise on a fixed grid (a discrete Gaussian), the sum snapped to it."""
     noise = torch.randn(summed.shape, generator=generator, dtype=torch.float64,

@@ -16,8 +16,8 @@ mechanism, and a second warm-up on images fitted to it.
 The privacy argument is in the signatures: only the `release_*` functions and `train_dpsgd` are
 given the sensitive images, and they draw from the secret generator (randomness.py); the
 warm-ups see what was released, synthesis sees the model. Each stage is checkpointed, so
-`--resume RUN_DIR` ends bit for bit where an uninterrupted run would; the machinery that keeps a
-run safe (flags, run folder, lock, signals, torchrun, data files) is in harness/.
+`--resume RUN_DIR` ends where an uninterrupted run would (bit for bit on the CPU); harness/
+holds what keeps a run safe (flags, run folder, lock, signals, torchrun, data files).
 """
 from harness import cli  # noqa: F401  (first: a Ctrl-C while torch loads is one line)
 import functools

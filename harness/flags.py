@@ -4,7 +4,8 @@
 `settings_of` turns them into a run's Config: a new run's preset with the flags given, or a
 resumed run's own settings, of which only those that act after training may change
 (AFTER_TRAINING). REQUIREMENTS states each number's bounds once; the other command lines
-(sample.py, evaluate.py, central.py) take their flags through `bounded`, and every command line
+(sample.py, evaluate.py, central.py) take their counts and seeds through `bounded` (evaluate.py's
+--n is checked against its samples file), and every command line
 checks --device with `check_device`. Every problem is one line (ValueError, or exit status 2 for
 flags that argparse cannot read), before anything is computed.
 """
