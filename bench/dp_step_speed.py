@@ -1,7 +1,7 @@
 """Benchmark of dpsgd.dp_step against the fastest plain (non-private) training step.
 
     python bench/dp_step_speed.py [--batch 256] [--draws 1] [--chunk 64] [--reps 5] [--profile]
-                                  [--float32-only]
+                                  [--float32-only] [--channels-last] [--compile]
 
 Model: the UNet the CPU preset trains (diffusion.make_unet("small", 1, 28, 10)), with the
 diffusion loss averaged over K noise draws (noise multiplicity). Inputs are random images:
@@ -85,6 +85,12 @@ def time_speed(args):
                                            noise_generator=noise_gen, chunk_size=chunk,
                                            autocast=autocast)
 
+    # --compile: a copy of the model under torch.compile (the DP step's vmap then traces the
+    # compiled module); compiling happens in the untimed first call and is timed there
+    compiled_model = torch.compile(copy.deepcopy(model)) if args.compile else None
+    compiled_optimizer = (torch.optim.Adam(compiled_model.parameters(), lr=1e-5)
+                          if args.compile else None)
+
     def channels_last(step):  # the images in channels-last layout too
         return lambda batch: step((batch[0].contiguous(memory_format=torch.channels_last),
                                    *batch[1:]))
@@ -97,8 +103,15 @@ def time_speed(args):
         for chunk in chunks if args.channels_last else ():
             variants[(kind, "fp32-cl", chunk)] = channels_last(
                 make(chunk, False, layout_model, layout_optimizer))
-    for step in variants.values():
-        step([t[:args.dp_chunks[-1]] for t in tensors])  # traces vmap, sets up kernels: untimed
+        for chunk in chunks if args.compile else ():
+            variants[(kind, "fp32-co", chunk)] = make(chunk, False, compiled_model,
+                                                      compiled_optimizer)
+    for key, step in variants.items():
+        started = time.perf_counter()
+        step(tensors)  # traces vmap, compiles, sets up kernels: untimed in the rounds below
+        if key[1] == "fp32-co":
+            print(f"{key[0]:5s} {key[1]:7s} chunk {key[2]:4d}: first step (compiling) "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
     times = {key: [] for key in variants}
     for _ in range(args.reps):
         for key, step in variants.items():
@@ -187,6 +200,8 @@ def main():
                              "emulated, 14x slower)")
     parser.add_argument("--channels-last", action="store_true",
                         help="also time the float32 steps in channels-last memory layout")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the float32 steps of a torch.compile'd model")
     parser.add_argument("--memory-batches", type=int, nargs=2, default=[512, 4096])
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--profile", action="store_true",
