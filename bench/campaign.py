@@ -129,10 +129,10 @@ JOBS = EDM_JOBS + FREQUENCY_JOBS
 MACHINE_FLAGS = [] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ["--no-autocast"]
 
 
-def config_of(flags, args, seed):
+def config_of(job_flags, args, seed):
     """The Config train.py would make for these flags on the preset."""
     parsed = flags.parse_args(["--preset", args.preset, "--seed", str(seed), *MACHINE_FLAGS,
-                                  *flags])
+                               *job_flags])
     parsed.device = "cpu"
     return flags.settings_of(parsed, None, None)
 

@@ -1,6 +1,7 @@
 """Tests of bench/campaign.py's command line and CSV: bad input is one line with exit status 2
 before any job runs, and nothing is written; a row lands in the CSV in one rename.
 (The jobs themselves are train.py runs and their scores: test_train.py, test_sample.py.)"""
+import argparse
 import importlib.util
 import os
 
@@ -85,3 +86,18 @@ def test_a_row_replaces_its_older_self_in_place_and_leaves_no_temporary_file(tmp
         ("a-s0", "3.0", "5.0"), ("b-s0", "2.0", "")]  # the value the new row lacks is kept
     assert sorted(os.listdir(tmp_path)) == ["campaign.csv", "campaign.csv.lock"]
     assert open(path, "rb").read().startswith(",".join(campaign.FIELDS).encode() + b"\r\n")
+
+
+def test_every_job_has_the_config_train_py_would_make():
+    # What decides whether a variant branches from its trunk: each job's flags read as train.py
+    # reads them. A job whose flags train.py refuses, or a config_of that cannot read them, fails.
+    args = argparse.Namespace(preset="cpu")
+    for job in campaign.JOBS:
+        if job["kind"] == "post":
+            continue
+        cfg = campaign.config_of(job["flags"], args, job["seed"])
+        assert cfg.model == "small" and cfg.clip == 0.1, job["id"]  # the cpu preset, C = 0.1
+    by_id = {job["id"]: job for job in campaign.JOBS}
+    eps10 = campaign.config_of(by_id["edm-eps10-s0"]["flags"], args, 0)
+    no_central = campaign.config_of(by_id["edm-no-central-s0"]["flags"], args, 0)
+    assert eps10.eps == 10 and no_central.central is False
