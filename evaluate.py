@@ -20,9 +20,8 @@ test set), and that model is tested once on the real test set. A generator that 
 classes gets a high number; one that draws the right label only by chance, or draws every class
 alike, gets ~1/classes.
 
-The samples file, written by train.py and sample.py and read here (`save_samples`,
-`load_samples`), is an .npz with `images`, uint8 N x H x W (grayscale) or N x H x W x C (colour),
-the layout of keras.datasets and of PIL, and `labels`, int64 N.
+The command line reads a samples file (harness/files.py: the .npz that train.py and sample.py
+write, images and labels).
 
 CLI: python evaluate.py SAMPLES.npz --dataset mnist [--data-dir D] [--n N] [--inception PATH]
 prints both numbers and writes them to SAMPLES.eval.json. Bad input (a corrupt file, labels
@@ -36,8 +35,6 @@ import json
 import os
 import sys
 import time
-import zipfile
-import zlib
 
 import numpy as np
 import torch
@@ -45,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness import data
+from harness import files
 from harness import runs
 from inception import WeightsError, load_inception
 
@@ -165,6 +163,13 @@ def fid(generated, reference, device=None, weights=None, model=None, reference_c
     return frechet_distance_to(features, mu_ref, sigma_ref)
 
 
+def _sha256_of_images(images):
+    """Hex sha256 of uint8 [N, C, H, W] images, shape included: which images a cache describes."""
+    digest = hashlib.sha256(str(tuple(images.shape)).encode())
+    digest.update(images.contiguous().numpy())
+    return digest.hexdigest()
+
+
 def reference_stats(images, cache_path=None, device=None, weights=None, model=None,
                     batch_size=50, progress=_stderr):
     """(mu, sigma) of the Inception features of `images`, kept in the .npz file `cache_path`
@@ -181,7 +186,7 @@ def reference_stats(images, cache_path=None, device=None, weights=None, model=No
                                                      model, progress))
     fingerprint = _sha256_of_images(images)
     if os.path.exists(cache_path):
-        cached = _read_npz(cache_path, ("mu", "sigma", "count", "images_sha256"),
+        cached = files.read_npz(cache_path, ("mu", "sigma", "count", "images_sha256"),
                            "FID reference cache", "delete it to recompute it")
         if int(cached["count"]) != len(images):
             raise ValueError(f"FID reference cache {cache_path} describes {int(cached['count'])} "
@@ -192,7 +197,7 @@ def reference_stats(images, cache_path=None, device=None, weights=None, model=No
                              f"another path")
         return cached["mu"], cached["sigma"]
     os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
-    check_writable(cache_path)  # fail now, not after minutes of features
+    files.check_writable(cache_path)  # fail now, not after minutes of features
     mu, sigma = feature_statistics(inception_features(images, batch_size, device, weights,
                                                       model, progress))
     runs.atomic_write(cache_path, lambda f: np.savez(
@@ -307,89 +312,6 @@ def _checked(images, labels, num_classes, name):
     return images, labels
 
 
-# --------------------------------------------------------------------------------------------
-
-def _sha256_of_images(images):
-    """Hex sha256 of uint8 [N, C, H, W] images, shape included: which images a cache describes."""
-    digest = hashlib.sha256(str(tuple(images.shape)).encode())
-    digest.update(images.contiguous().numpy())
-    return digest.hexdigest()
-
-
-def _read_npz(path, keys, what, hint):
-    """The arrays `keys` of the .npz file `path` as a dict; if it is missing, corrupt,
-    truncated or lacks one of them, one ValueError line that starts with `what`."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{what}: {path} not found")
-    try:
-        archive = np.load(path)  # allow_pickle=False: only plain arrays, never code
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise ValueError("not an .npz archive")
-        with archive:
-            # Members are read lazily, and a damaged one (bad CRC, truncated data) only
-            # raises when read: so the reading happens here, inside the try.
-            missing = [key for key in keys if key not in archive.files]
-            arrays = {key: archive[key] for key in keys if key not in missing}
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
-        raise ValueError(f"{what}: cannot read {path}: {_first_line(e)} ({hint})") from None
-    if missing:
-        raise ValueError(f"{what}: {path} has no array {', '.join(map(repr, missing))} "
-                         f"({hint})")
-    return arrays
-
-
-def check_writable(path):
-    """Raise a one-line OSError now if `path` cannot be written; leave the file system as it
-    was (a missing file is created and removed again, an existing one is not changed)."""
-    existed = os.path.exists(path)
-    try:
-        with open(path, "a"):  # append mode creates a missing file and never truncates one
-            pass
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or _first_line(e)}") from None
-    if not existed:
-        os.remove(path)
-
-
-def _first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-
-def save_samples(path, images, labels):
-    """Write synthetic images (any layout data.as_uint8_images takes, e.g. the samplers' uint8
-    N x C x H x W) and their labels as a samples file (see the module docstring), atomically:
-    an interrupted write leaves no partial file."""
-    images = data.as_uint8_images(images).permute(0, 2, 3, 1).numpy()  # N x H x W x C
-    labels = torch.as_tensor(labels).long().numpy()
-    if labels.shape != images.shape[:1]:
-        raise ValueError(f"labels: need one per image, got {labels.shape} for {len(images)}")
-    runs.atomic_write(path, lambda f: np.savez_compressed(
-        f, images=images[..., 0] if images.shape[-1] == 1 else images, labels=labels))
-
-
-def load_samples(path, dataset):
-    """Images (uint8 torch [N, C, H, W]) and labels (int64 [N]) of a samples file, checked to
-    fit `dataset`: one ValueError line otherwise."""
-    arrays = _read_npz(path, ("images", "labels"), "samples", "corrupt or truncated file?")
-    images, labels = data.as_uint8_images(arrays["images"]), arrays["labels"]
-    info = data.INFO[dataset]
-    if tuple(images.shape[1:]) != (info["channels"], info["size"], info["size"]):
-        raise ValueError(f"samples: images of shape {tuple(images.shape[1:])} (C, H, W) do "
-                         f"not match {dataset}")
-    # A float label such as 2.7 would be truncated to a class without a word, so refuse it.
-    if labels.dtype.kind not in "iu" or labels.ndim != 1:
-        raise ValueError(f"samples: labels must be integers, one per image; got "
-                         f"{labels.dtype} of shape {labels.shape}")
-    if len(labels) != len(images):
-        raise ValueError(f"samples: {len(images)} images but {len(labels)} labels")
-    if len(labels) and not 0 <= labels.min() <= labels.max() < info["classes"]:
-        raise ValueError(f"samples: labels must lie in 0..{info['classes'] - 1} for {dataset}, "
-                         f"found {labels.min()}..{labels.max()}")
-    return images, torch.from_numpy(labels).long()
-
-
 def main(argv=None):
     parser = cli.OneLineParser(prog="evaluate.py",
                             description="FID and accuracy of synthetic images.")
@@ -420,11 +342,11 @@ def main(argv=None):
         # Everything that can be checked in seconds is checked first: an error should never
         # come after minutes of Inception features or classifier training.
         device = flags.check_device(args.device)
-        images, labels = load_samples(args.samples, args.dataset)
+        images, labels = files.load_samples(args.samples, args.dataset)
         n = len(images) if args.n is None else args.n
         if not 2 <= n <= len(images):
             raise ValueError(f"--n: need 2..{len(images)} (the number of samples), got {n}")
-        check_writable(out)
+        files.check_writable(out)
         model = load_inception(args.inception, device)
         train_images, _ = data.load(args.dataset, "train", args.data_dir, args.trust_data_files)
         test_images, test_labels = data.load(args.dataset, "test", args.data_dir,

@@ -10,7 +10,7 @@ state, never the data), so it costs no privacy and its epsilon is the run's. Dra
 you like. The run's sampler settings are the defaults; --sample-steps, --solver, --churn and
 --guidance (train.py's flags, with its checks) change them for this file only. The images are drawn by
 the loop that train.py's synthesis uses (samplers.sample_uniform) and written as the samples
-file that train.py writes and evaluate.py reads (evaluate.save_samples). An existing output
+file that train.py writes and evaluate.py reads (harness/files.py). An existing output
 file is never overwritten.
 """
 from harness import cli  # noqa: F401  (first: a Ctrl-C while torch loads is one line)
@@ -23,8 +23,8 @@ import sys
 import torch
 
 from harness import data
+from harness import files
 import diffusion
-import evaluate
 from harness import runs
 import samplers
 import settings
@@ -76,7 +76,7 @@ def main(argv=None):
         cfg, model = load_trained_model(args.run)
         if os.path.exists(out):
             raise ValueError(f"--out: {out} exists; choose another file (nothing is overwritten)")
-        evaluate.check_writable(out)
+        files.check_writable(out)
         cfg = dataclasses.replace(cfg, **{name: getattr(args, name) for name in SAMPLER_SETTINGS
                                           if getattr(args, name) is not None})
         flags.check_settings(cfg)  # the sampler settings together (heun needs EDM)
@@ -90,7 +90,7 @@ def main(argv=None):
             images.append(batch_images)
             labels.append(batch_labels)
             print(f"sampled {sum(map(len, labels))}/{args.n}", flush=True)
-        evaluate.save_samples(out, torch.cat(images), torch.cat(labels))
+        files.save_samples(out, torch.cat(images), torch.cat(labels))
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

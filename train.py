@@ -34,7 +34,7 @@ import evaluate
 import frequency
 import randomness
 import samplers
-from harness import data, launch, runs
+from harness import data, files, launch, runs
 
 
 # ------------------------------------------------------------------------------ the privacy plan
@@ -322,7 +322,7 @@ def post_process(run):
     def synthesis():
         synthesize(run.ema.model, cfg, run.edm, run.public, run.pieces,
                    run.progress(cfg.n_samples))
-        evaluate.save_samples(run.path("samples.npz"), torch.cat([p[0] for p in run.pieces]),
+        files.save_samples(run.path("samples.npz"), torch.cat([p[0] for p in run.pieces]),
                               torch.cat([p[1] for p in run.pieces]))
         run.save_grid(sample_grid(run.ema.model, cfg, run.edm, run.public), "samples.png",
                       nrow=10)
@@ -333,7 +333,7 @@ def post_process(run):
                                run.path("stages.png"))
 
     def evaluation():
-        images, labels = evaluate.load_samples(run.path("samples.npz"), cfg.dataset)
+        images, labels = files.load_samples(run.path("samples.npz"), cfg.dataset)
         # The real side's FID statistics describe sensitive images: kept in the private run
         # folder, next to the checkpoint.
         fid_cache = lambda n: run.path(f"fid_stats_train_{n}.npz")  # noqa: E731

@@ -47,6 +47,7 @@ sys.path.insert(0, ROOT)
 from harness import cli  # noqa: E402
 from harness import flags
 from harness import data  # noqa: E402
+from harness import files  # noqa: E402
 import diffusion  # noqa: E402
 import evaluate  # noqa: E402
 from harness import runs  # noqa: E402
@@ -196,7 +197,7 @@ def train_row(job, folder, args):
     accuracy, fid = report["metrics"].get("accuracy", {}), report["metrics"].get("fid") or {}
     plan = report["privacy_plan"]
     cfg = settings.saved_config(report["settings"])
-    score = scores(*evaluate.load_samples(os.path.join(folder, "samples.npz"), cfg.dataset), cfg,
+    score = scores(*files.load_samples(os.path.join(folder, "samples.npz"), cfg.dataset), cfg,
                    args, cfg.classifier_epochs)
     if score["test_accuracy"] != accuracy.get("test_accuracy"):  # the same classifier again
         print(f"warning: {job['id']}: the run's classifier had test accuracy "
@@ -263,7 +264,7 @@ def do_post(job, args):
                         else f"post-{job['id'].split('/')[1]}.npz")
     started, timings = time.time(), {}
     if os.path.exists(kept):  # sampled before: a new score needs no new sampling
-        images, labels = evaluate.load_samples(kept, cfg.dataset)
+        images, labels = files.load_samples(kept, cfg.dataset)
     elif job.get("own_samples"):  # never sample into the run's own file
         raise RuntimeError(f"{kept}: the run has not drawn its samples yet")
     else:
@@ -272,7 +273,7 @@ def do_post(job, args):
                                                **samplers.settings_of(how)))
         images, labels = (torch.cat(parts) for parts in zip(*batches))
         timings["s_synthesize"] = round(time.time() - started, 1)
-        evaluate.save_samples(kept, images, labels)
+        files.save_samples(kept, images, labels)
     sampled = time.time()
     score = scores(images, labels, cfg, args, job.get("classifier_epochs", cfg.classifier_epochs))
     evaluated = time.time()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from harness import data
+from harness import files
 import evaluate
 import inception
 from evaluate import classifier_accuracy
@@ -338,20 +339,20 @@ def test_samples_file_holds_the_documented_layout_and_reads_back(dataset, tmp_pa
                            dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([3, 0, 9, 9, 1])
     path = str(tmp_path / "samples.npz")
-    evaluate.save_samples(path, images, labels)
+    files.save_samples(path, images, labels)
     assert os.listdir(tmp_path) == ["samples.npz"]  # no partial file left behind
     with np.load(path) as saved:  # what other tools see: N x H x W, or N x H x W x C
         hwc = images.permute(0, 2, 3, 1).numpy()
         assert np.array_equal(saved["images"], hwc[..., 0] if info["channels"] == 1 else hwc)
         assert saved["labels"].dtype == np.int64
         assert np.array_equal(saved["labels"], labels.numpy())
-    read_images, read_labels = evaluate.load_samples(path, dataset)
+    read_images, read_labels = files.load_samples(path, dataset)
     assert torch.equal(read_images, images) and torch.equal(read_labels, labels)
     other = "cifar10" if dataset == "mnist" else "mnist"
     with pytest.raises(ValueError, match=f"do not match {other}"):
-        evaluate.load_samples(path, other)
+        files.load_samples(path, other)
     with pytest.raises(ValueError, match="one per image"):
-        evaluate.save_samples(path, images, labels[:4])
+        files.save_samples(path, images, labels[:4])
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -363,7 +364,7 @@ def test_cli_fid_of_a_set_with_itself_is_zero_and_json_is_written(mnist_dir, ran
     # each FID costs a 2048 x 2048 sqrtm (~15 s here), so this is the only such call.
     images, labels = data.load("mnist", "train", mnist_dir)
     samples = tmp_path / "samples.npz"
-    evaluate.save_samples(str(samples), images[:200], labels[:200])
+    files.save_samples(str(samples), images[:200], labels[:200])
     argv = [str(samples), "--dataset", "mnist", "--data-dir", mnist_dir, "--n", "5",
             "--inception", random_weights[0], "--cache-dir", str(tmp_path / "cache"),
             "--epochs", "1", "--device", "cpu"]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from harness import data
+from harness import files
 from harness import flags
 import diffusion
 import evaluate
@@ -116,7 +117,7 @@ def test_a_seed_fixes_the_draw_and_the_run_is_only_read(finished_run, tmp_path, 
         code, printed = run_sample([finished_run, "--n", 12, "--out", tmp_path / f"{name}.npz",
                                     "--device", "cpu", *seed], capsys)
         assert code == 0, printed.err
-        drawn.append(evaluate.load_samples(str(tmp_path / f"{name}.npz"), "mnist")[0])
+        drawn.append(files.load_samples(str(tmp_path / f"{name}.npz"), "mnist")[0])
     assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
     assert folder_digest(finished_run) == digest  # nothing written to, or next to, the run
     code, _ = run_sample([finished_run, "--n", 3, "--device", "cpu"], capsys)  # default --out

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from harness import data
+from harness import files
 import diffusion
-import evaluate
 import inception
 import randomness
 from harness import runs
@@ -142,9 +142,9 @@ def test_every_stage_end_to_end(finished_run, mnist_dir):
     samples = np.load(out / "samples.npz")
     assert samples["images"].dtype == np.uint8
     assert samples["images"].shape == (TINY.n_samples, 28, 28)
-    # The samples file holds the synthesized batches (the checkpoint's), in evaluate.py's layout.
+    # The samples file holds the synthesized batches (the checkpoint's), in the samples file's layout (harness/files.py).
     pieces = runs.load_checkpoint(out)["samples"]
-    images, labels = evaluate.load_samples(str(out / "samples.npz"), "mnist")
+    images, labels = files.load_samples(str(out / "samples.npz"), "mnist")
     assert torch.equal(images, torch.cat([p[0] for p in pieces]))
     assert torch.equal(labels, torch.cat([p[1] for p in pieces]))
     # The tiny run learned something, if little (its samples still look like noise): at the
@@ -815,7 +815,7 @@ def test_sample_py_reads_a_real_run_and_leaves_it_untouched(finished_run, tmp_pa
     more = tmp_path / "more.npz"
     assert sample.main([str(out), "--n", "30", "--out", str(more), "--seed", "1"]) == 0
     assert "no privacy spent" in capsys.readouterr().out
-    images, labels = evaluate.load_samples(str(more), "mnist")  # what evaluate.py reads
+    images, labels = files.load_samples(str(more), "mnist")  # what evaluate.py reads
     assert images.shape == (30, 1, 28, 28) and labels.shape == (30,)
     assert folder_digest(out) == digest  # the run folder is only read
 
