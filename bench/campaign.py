@@ -98,9 +98,13 @@ EDM_JOBS = [
     edm(0, "-b512", ["--batch", "512"]),
     edm(0, "-b256k4", ["--batch", "256", "--noise-draws", "4"]),
     edm(0, "-ema0.99", ["--ema", "0.99"]),
-    # The sampler at equal network passes (15): Heun's 8 steps, Euler's 15.
-    post("edm-s0", "heun8", guidance=0.0, n=10000, solver="heun", steps=8),
-    post("edm-s0", "ddim15", guidance=0.0, n=10000, solver="ddim", steps=15),
+    # The sampler at equal network passes (15) on one model: the README's command timed alone
+    # (`readme-s0`: train.py --dataset mnist --eps 1 --seed 0 straight through, its run folder
+    # copied here at commit 1215014; trained again as a branch of trunk-edm-s0 if lost). Its own
+    # samples are DPM-Solver++(2M)'s 15 steps; against them Heun's 8 steps and Euler's 15.
+    dict(id="readme-s0", kind="train", seed=0, flags=EDM),
+    post("readme-s0", "heun8", guidance=0.0, n=10000, solver="heun", steps=8),
+    post("readme-s0", "ddim15", guidance=0.0, n=10000, solver="ddim", steps=15),
     # What twice DP-SGD's compute buys (7 epochs, 410 steps at batch 1,024): the value of a
     # faster DP step. And the other side of steps against batch (103 steps at 2,048).
     edm(0, "-e7", ["--epochs", "7"]),
