@@ -104,7 +104,7 @@ EDM_JOBS = [
     # (`readme-s0`: train.py --dataset mnist --eps 1 --seed 0 straight through, its run folder
     # copied here at commit 1215014; trained again as a branch of trunk-edm-s0 if lost). Its own
     # samples are DPM-Solver++(2M)'s 15 steps; against them Heun's 8 steps and Euler's 15.
-    dict(id="readme-s0", kind="train", seed=0, flags=EDM),
+    dict(edm(0), id="readme-s0"),
     post("readme-s0", "heun8", guidance=0.0, n=10000, solver="heun", steps=8),
     post("readme-s0", "ddim15", guidance=0.0, n=10000, solver="ddim", steps=15),
     # What twice DP-SGD's compute buys (7 epochs, 410 steps at batch 1,024): the value of a
