@@ -91,12 +91,13 @@ EDM_JOBS = [
     edm_trunk(0), edm(0),
     *[job for seed in (1, 2) for job in (edm_trunk(seed), edm(seed))],
     # DP-SGD levers (same warm-up): steps against batch at equal epochs (equal time); K = 4
-    # noise draws at a quarter of the batch (equal per-example passes); EMA decay. No clip
+    # noise draws at a quarter of the batch and a quarter of the epochs (205 steps, as many
+    # network passes per step as the preset's: equal time, sigma 0.971); EMA decay. No clip
     # norm below 0.1: EDM's per-example gradients have norms near 4.6 after the warm-up
     # (bench/gradient_signal.py), so every example is clipped at any C <= 1, and under Adam C
     # then only scales the step's gradient, which Adam divides out.
     edm(0, "-b512", ["--batch", "512"]),
-    edm(0, "-b256k4", ["--batch", "256", "--noise-draws", "4"]),
+    edm(0, "-b256k4", ["--batch", "256", "--noise-draws", "4", "--epochs", "0.875"]),
     edm(0, "-ema0.99", ["--ema", "0.99"]),
     # EMA 0.99 at seed 0: FID -4.1, accuracy -0.4 (within the classifier's noise); its seeds 1, 2
     *[edm(seed, "-ema0.99", ["--ema", "0.99"]) for seed in (1, 2)],
