@@ -402,6 +402,7 @@ def main(argv=None):
     p.add_argument("--table", action="store_true",
                    help="print the CSV as a markdown table (mean ± sd over seeds) and stop")
     args = p.parse_args(argv)
+    cli.keep_freed_memory()  # speed only: the post jobs' FID, as train.py's
     unknown = sorted(set(args.only or ()) - {job["id"] for job in JOBS})
     if unknown:  # a typo would otherwise run nothing and say nothing
         p.error(f"--only: no job {', '.join(unknown)} (the ids are JOBS' in bench/campaign.py)")

@@ -10,7 +10,6 @@ and an exit status: 0 done, 2 an error (the run so far is saved), 130 stopped by
 run is checkpointed and resumes with --resume).
 """
 import contextlib
-import ctypes
 import os
 import sys
 
@@ -18,14 +17,14 @@ import torch
 
 import dpsgd
 import inception
-from harness import data, flags, runs, team
+from harness import cli, data, flags, runs, team
 
 
 def main(argv, description, privacy_plan, new_run, train, post_process):
     """train.py's main: privacy_plan(cfg, n) plans a new run, new_run(cfg, plan, folder, device,
     seed) builds one, train(run, images, labels) runs the stages that train (on every process)
     and post_process(run) those that only read the trained model (on one)."""
-    keep_freed_memory()  # speed only: up to 100,000 page faults a second without it
+    cli.keep_freed_memory()  # speed only: millions of page faults without it
     args = flags.parse_args(argv, description=description)
     processes = team.Team()  # torchrun's processes; with one process it does nothing
     # One run per folder: its lock (runs.lock_folder) is held from before the run reads or
@@ -176,17 +175,3 @@ def largest_chunk_that_fits(model, edm, cfg, image_shape):
         chunk //= 2
     raise ValueError(f"one example's pass ({cfg.noise_draws} noise draws) does not fit in the "
                      f"memory of {device}")
-
-
-def keep_freed_memory(pad_bytes=1 << 30):
-    """Have glibc's malloc keep up to pad_bytes of freed memory for reuse. By default it gives
-    the memory of freed tensors back to the operating system, and the next chunk of per-example
-    gradients faults every page in again: measured on this project's 2-core machine, up to
-    100,000 page faults a second in DP-SGD, and the README's command took 34.5 minutes, against
-    27.8 with the memory kept (bench/README.md). Only where memory comes from changes, not the
-    arithmetic. Elsewhere (macOS, another C library) this does nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-2, pad_bytes)  # M_TOP_PAD: free memory kept when the heap grows or shrinks
-    except (OSError, AttributeError):
-        pass

@@ -80,3 +80,35 @@ def test_every_command_line_refuses_a_device_with_the_same_line(device, words, t
     assert code == 2 and err.count("\n") == 1 and err.startswith("error:"), err
     assert all(word in err for word in words), err
     assert os.listdir(tmp_path) == []
+
+
+
+# Two 64 MiB tensors made and freed 20 times (one of Inception's activations for FID is
+# larger), after 5 rounds that warm the heap up: the page faults of the 20, in a fresh process.
+REUSE = """import resource, sys, torch
+sys.path.insert(0, {root!r})
+from harness import cli
+if {keep}:
+    cli.keep_freed_memory()
+for _ in range(25):
+    if _ == 5:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 << 20)
+    y = x * 2
+    del x, y
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_memory_is_reused_not_faulted_in_again():
+    """keep_freed_memory: large blocks freed and asked for again come from the heap, without
+    page faults; by default glibc maps each anew (16,384 faults per 64 MiB block). Measured:
+    655,400 faults against 16,384 to 32,768."""
+    def faults(keep):
+        code = REUSE.format(root=str(ROOT), keep=keep)
+        return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=True, timeout=120).stdout)
+    pages = 20 * 2 * (64 << 20) // 4096
+    assert faults(False) > pages / 2  # the default: every block faulted in again
+    assert faults(True) < pages / 10
