@@ -360,7 +360,9 @@ def number(row, key):
 
 def table(path):
     """The CSV as a markdown table: the rows of one setting (ids that differ only in -s<seed>)
-    become one line, each number the mean and sample standard deviation over its seeds."""
+    become one line, each number the mean and sample standard deviation over its seeds. An FID
+    equal to an earlier row's to every digit read the same 1,000 images (a post job that drew
+    more images with the same sampling seed): one measurement, so named once, as "= <that row>"."""
     rows = read_rows(path)
     if not rows:
         raise ValueError(f"--csv: {path} holds no rows" if os.path.exists(path) else
@@ -373,11 +375,15 @@ def table(path):
                ("synthetic_val_accuracy", "held-out synthetic %", 100, 1)]
     lines = ["| setting | seeds | " + " | ".join(c[1] for c in columns) + " | minutes |",
              "|---" * (len(columns) + 3) + "|"]
+    first_with = {}  # an FID's digits -> the first row that has them
     for name, group in groups.items():
+        first = [first_with.setdefault(r["fid"], r["id"]) for r in group if r.get("fid")]
         cells = []
         for key, _, scale, digits in columns:
             values = [number(r, key) * scale for r in group if r.get(key)]
-            if not values:
+            if key == "fid" and len(group) == 1 and first and first[0] != group[0]["id"]:
+                cells.append(f"= {first[0]}")
+            elif not values:
                 cells.append("")
             elif len(values) == 1:
                 cells.append(f"{values[0]:.{digits}f}")

@@ -76,6 +76,18 @@ def test_the_repositorys_csv_makes_a_table(capsys):
     assert lines[0].startswith("| setting | seeds |") and len(lines) > 10
 
 
+def test_the_table_names_an_fid_of_the_same_images_once(tmp_path, capsys):
+    """Two post jobs whose FIDs agree to every digit read the same first 1,000 images: the
+    later one's FID cell names the earlier row instead of counting the value again."""
+    path = str(tmp_path / "campaign.csv")
+    for id, fid in (("run-s0/n2k", "126.35309461302904"), ("run-s0/n20k", "126.35309461302904"),
+                    ("run-s0/heun", "126.35309461302905")):  # the last digit: other images
+        campaign.record(path, dict(id=id, kind="post", fid=fid, real_train_accuracy=0.8))
+    assert campaign.main(["--table", "--csv", path]) == 0
+    fid_cells = [line.split(" | ")[5] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert fid_cells == ["126.4", "= run-s0/n2k", "126.4"]
+
+
 def test_a_row_replaces_its_older_self_in_place_and_leaves_no_temporary_file(tmp_path):
     path = str(tmp_path / "campaign.csv")
     campaign.record(path, dict(id="a-s0", kind="post", fid=1.0, s_classifier=5.0))
