@@ -1,5 +1,6 @@
-"""What the command lines share: one device check (flags.check_device), and a Ctrl-C while a
-command is still loading torch, numpy or scipy is one line (cli.py), not a traceback.
+"""What the command lines share: one device check (flags.check_device), a Ctrl-C while a
+command is still loading torch, numpy or scipy is one line (cli.py), not a traceback, and freed
+memory is reused (cli.keep_freed_memory).
 Each command line's own table of bad input is in its module's tests."""
 import os
 import signal
@@ -80,7 +81,6 @@ def test_every_command_line_refuses_a_device_with_the_same_line(device, words, t
     assert code == 2 and err.count("\n") == 1 and err.startswith("error:"), err
     assert all(word in err for word in words), err
     assert os.listdir(tmp_path) == []
-
 
 
 # Two 64 MiB tensors made and freed 20 times (one of Inception's activations for FID is
