@@ -232,8 +232,11 @@ def do_train(job, args):
         trunk = trunk_of(job, cfg, args) if cfg.central else None
         if trunk is not None:
             trunk_folder = os.path.join(args.out, trunk["id"])
-            if not os.path.exists(os.path.join(trunk_folder, runs.CHECKPOINT)):
-                do_trunk(trunk, args)  # a trunk lost with its machine: the same seed, again
+            # A trunk lost with its machine, or stopped before it was done: the same seed
+            # again, or resumed. A branch of a half-warmed-up model would not be paired.
+            if (not os.path.exists(os.path.join(trunk_folder, runs.CHECKPOINT))
+                    or runs.load_checkpoint(trunk_folder)["stage"] != "done"):
+                do_trunk(trunk, args)
             n = len(data.load(cfg.dataset, "train", args.data_dir)[1][:cfg.train_subset or None])
             branch(trunk_folder, folder, cfg, n)
         else:

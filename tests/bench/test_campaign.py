@@ -88,6 +88,33 @@ def test_the_table_names_an_fid_of_the_same_images_once(tmp_path, capsys):
     assert fid_cells == ["126.4", "= run-s0/n2k", "126.4"]
 
 
+def test_a_variant_branches_only_from_a_finished_trunk(tmp_path, monkeypatch):
+    """A trunk stopped in its warm-up (its machine went away) is finished before a variant
+    branches from it: a branch of a half-warmed-up model would not be paired with its seed's
+    other variants."""
+    args = argparse.Namespace(preset="cpu", out=str(tmp_path), data_dir=None)
+    (tmp_path / "trunk-edm-s1").mkdir()
+    (tmp_path / "trunk-edm-s1" / campaign.runs.CHECKPOINT).write_bytes(b"")
+    stages, calls = {"trunk-edm-s1": "warm_up"}, []
+
+    def do_trunk(job, args):
+        calls.append(job["id"])
+        stages[job["id"]] = "done"
+
+    def branch(trunk, folder, cfg, n):
+        assert stages[os.path.basename(trunk)] == "done"
+        raise StopIteration  # what follows the branch is not this test's
+
+    monkeypatch.setattr(campaign.runs, "load_checkpoint",
+                        lambda folder: {"stage": stages[os.path.basename(folder)]})
+    monkeypatch.setattr(campaign.data, "load", lambda *a, **k: (None, list(range(60000))))
+    monkeypatch.setattr(campaign, "do_trunk", do_trunk)
+    monkeypatch.setattr(campaign, "branch", branch)
+    with pytest.raises(StopIteration):
+        campaign.do_train(next(j for j in campaign.JOBS if j["id"] == "edm-ema0.99-s1"), args)
+    assert calls == ["trunk-edm-s1"]
+
+
 def test_a_row_replaces_its_older_self_in_place_and_leaves_no_temporary_file(tmp_path):
     path = str(tmp_path / "campaign.csv")
     campaign.record(path, dict(id="a-s0", kind="post", fid=1.0, s_classifier=5.0))
