@@ -76,7 +76,7 @@ def keep_freed_memory(pad_bytes=1 << 30):
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-2, pad_bytes)  # M_TOP_PAD
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: no block mapped for itself (glibc still maps one
-        # when the heap cannot grow)
+        # M_MMAP_MAX: no block mapped for itself (glibc still maps one if the heap cannot grow)
+        libc.mallopt(-4, 0)
     except (OSError, AttributeError):
         pass
