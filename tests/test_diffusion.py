@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 # ------------------------------------------------------------------------------ UNet
 
-@pytest.mark.parametrize("size_name", ["paper", "small"])
+@pytest.mark.parametrize("size_name", sorted(diffusion.MODEL_SIZES))
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
 def test_unet_output_shape(size_name, channels, size):
     model = randomise_output_layer(make_unet(size_name, channels, size, 10))
@@ -49,7 +49,7 @@ def test_output_layer_is_zero_initialised():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-@pytest.mark.parametrize("size_name", ["paper", "small"])
+@pytest.mark.parametrize("size_name", sorted(diffusion.MODEL_SIZES))
 def test_no_layer_mixes_examples(size_name):
     model = make_unet(size_name, 1, 16, 10)
     for name, module in model.named_modules():
