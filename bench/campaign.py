@@ -99,7 +99,8 @@ EDM_JOBS = [
     edm(0, "-b512", ["--batch", "512"]),
     edm(0, "-b256k4", ["--batch", "256", "--noise-draws", "4", "--epochs", "0.875"]),
     edm(0, "-ema0.99", ["--ema", "0.99"]),
-    # EMA 0.99 at seed 0: FID -4.1, test accuracy -0.4; at seed 2: FID +2.7, -1.8. Not adopted
+    # EMA 0.99 at seeds 0 / 1 / 2: FID -4.1 / -3.1 / +2.7, test accuracy -0.4 / -0.1 / -1.8.
+    # Not adopted
     *[edm(seed, "-ema0.99", ["--ema", "0.99"]) for seed in (1, 2)],
     # The sampler at equal network passes (15) on one model: the README's command timed alone
     # (`readme-s0`: train.py --dataset mnist --eps 1 --seed 0 straight through, its run folder
