@@ -131,8 +131,9 @@ EDM_JOBS = [
     edm_trunk(0, "-cs10", ["--central-sigma", "10"]),
     edm(0, "-cs10", ["--central-sigma", "10"]),
     # Model width (its own warm-up): the narrow UNet (width 12 against 16, 57 % of the
-    # parameters, so less noise per coordinate; a DP step about 0.8 of the time at one thread)
-    # at the preset's 205 steps, and at equal DP-SGD time (4.4 epochs, 258 steps).
+    # parameters, so less noise per coordinate; a DP step 0.77 of the time) at the preset's 205
+    # steps, and at about equal DP-SGD time (4.4 epochs, 258 steps; set from a first estimate
+    # of 0.8, so 3 % short of 4.55).
     edm_trunk(0, "-narrow", ["--model", "narrow"]),
     edm(0, "-narrow", ["--model", "narrow"]),
     edm(0, "-narrow-e4.4", ["--model", "narrow", "--epochs", "4.4"]),
