@@ -255,10 +255,6 @@ MODEL_SIZES = {
     # Sized for DP-SGD with per-example gradients on a 2-core CPU: thin, three levels
     # (28 -> 14 -> 7), attention only in the middle block at 7x7 where it is cheap.
     "small": dict(base_width=16, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=()),
-    # The campaign's width lever (bench/README.md): "small" at three quarters of its width, 57 %
-    # of its parameters (less noise per coordinate) and 0.77 of its DP step time. It lost, at
-    # equal steps and at equal time; it stays so that those rows can be run again.
-    "narrow": dict(base_width=12, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=()),
 }
 
 

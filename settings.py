@@ -26,7 +26,7 @@ class Config:
     generator_steps: int = 3000    # Adam steps fitting the generator to the frequency release
     frequency_steps: int = 2340    # warm-up steps on the generator's images (--frequency)
     dpsgd: bool = True             # the hard stage; --no-dpsgd releases the warmed-up model
-    model: str = "paper"           # UNet size: paper, small or narrow (diffusion.MODEL_SIZES)
+    model: str = "paper"           # UNet size: paper or small (diffusion.MODEL_SIZES)
     batch: int = 4096              # expected (Poisson) batch size of DP-SGD: q = batch / N
     epochs: float = 150.0          # DP-SGD epochs: steps = epochs * N / batch
     noise_draws: int = 32          # diffusion noise draws K per example, averaged before clipping

@@ -130,17 +130,10 @@ EDM_JOBS = [
     # lr 3e-4: FID +22.5, test accuracy -1.1 (after the warm-up alone already -4.4)
     edm_trunk(0, "-cs10", ["--central-sigma", "10"]),
     edm(0, "-cs10", ["--central-sigma", "10"]),
-    # Model width (its own warm-up): the narrow UNet (width 12 against 16, 57 % of the
-    # parameters, so less noise per coordinate; a DP step 0.77 of the time) at the preset's 205
-    # steps, and at about equal DP-SGD time (4.4 epochs, 258 steps; set from a first estimate
-    # of 0.8, so 3 % short of 4.55).
-    edm_trunk(0, "-narrow", ["--model", "narrow"]),
-    edm(0, "-narrow", ["--model", "narrow"]),
-    edm(0, "-narrow-e4.4", ["--model", "narrow", "--epochs", "4.4"]),
-    # Narrow at 205 steps: FID +8.3, test accuracy -0.5; at 258 steps: FID +6.4, +0.0. Not
-    # adopted. Its warm-up alone: +2.4 test points and FID -6.6 at seed 0; seed 1 (below):
-    # -1.7 and +2.7.
-    edm_trunk(1, "-narrow", ["--model", "narrow"]),
+    # Model width: the *-narrow-* rows ran at commits 451b355 and cb62ab3, whose
+    # diffusion.MODEL_SIZES had a "narrow" UNet (width 12: 57 % of the parameters, a DP step
+    # 0.77 of the time); run them there. At 205 steps FID +8.3, test accuracy -0.5; at 258
+    # (4.4 epochs, about equal time) FID +6.4, +0.0. It lost, and the size was removed.
     # The README's other rows: DP-SGD alone (DPDM: no central images, no warm-up, so no trunk)
     # and ten times the budget (its DP-SGD branches from trunk-edm-s0).
     edm(0, "-no-central", ["--no-central"]),
